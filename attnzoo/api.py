@@ -1,0 +1,78 @@
+"""The one API every method shares: `get`, `attention`, and the `Method` callable they return.
+
+A method function is called as
+
+    fn(q, k, v, *, causal: bool, scale: float, backend: str, **params, **inputs, **output_flags)
+
+with q (B, Hq, N, D), k (B, Hk, M, D), v (B, Hk, M, Dv) already validated here, `scale` resolved to
+a float, `backend` resolved to the implementation that runs, every registry parameter present
+(defaults filled in), and only the extra inputs / output flags the caller gave.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import backend as _backend
+from .registry import REGISTRY, MethodInfo
+from .validation import check_causal, check_qkv, resolve_scale
+
+_CALL_KEYWORDS = ("causal", "scale", "backend")
+
+
+class Method:
+    """A registry method with some parameters bound; call it like SDPA: `fn(q, k, v, causal=True)`."""
+
+    def __init__(self, info: MethodInfo, fn, bound: dict[str, Any]):
+        self.info = info
+        self._fn = fn
+        self._bound = self._split_keywords(bound)
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The method parameters this callable will use: registry defaults overridden by bound values."""
+        return {**self.info.params, **{k: v for k, v in self._bound.items() if k in self.info.params}}
+
+    def _split_keywords(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        accepted = set(self.info.params) | set(self.info.inputs) | set(self.info.supports.outputs)
+        unknown = sorted(set(kwargs) - accepted)
+        if unknown:
+            raise TypeError(
+                f"method {self.info.name!r} got unknown parameter(s) {', '.join(unknown)}; it accepts "
+                f"{', '.join(sorted(accepted) + list(_CALL_KEYWORDS)) or 'no parameters'}"
+            )
+        return dict(kwargs)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool | None = None,
+                 scale: float | None = None, backend: str = "auto", **kwargs):
+        info = self.info
+        if causal is None:  # the method's natural default: non-causal where it can be, like SDPA
+            causal = not info.supports.non_causal
+        check_causal(causal, info=info)
+        check_qkv(q, k, v, info=info)
+        scale = resolve_scale(scale, q.shape[-1])
+        call = {**info.params, **self._bound, **self._split_keywords(kwargs)}
+        resolved = _backend.resolve(backend, q.device, info.supports.backends, info.name)
+        return self._fn(q, k, v, causal=causal, scale=scale, backend=resolved, **call)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{k}={v!r}" for k, v in self._bound.items())
+        return f"attnzoo.get({self.info.name!r}{', ' if shown else ''}{shown})"
+
+
+def get(name: str, **params) -> Method:
+    """The method `name` as a callable with `params` bound (overriding registry defaults)."""
+    info = REGISTRY.info(name)
+    return Method(info, REGISTRY.function(name), params)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, method: str = "dense",
+              causal: bool | None = None, scale: float | None = None, backend: str = "auto", **params):
+    """One-shot form: `attention(q, k, v, method="xattention", causal=True, threshold=0.9)`."""
+    return get(method)(q, k, v, causal=causal, scale=scale, backend=backend, **params)

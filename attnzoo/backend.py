@@ -1,0 +1,64 @@
+"""Which implementation runs a call: Triton kernels, the PyTorch implementation, or fla.
+
+- CUDA tensors: the Triton kernels.
+- CPU tensors with TRITON_INTERPRET=1 in the environment (set before triton is imported): the same
+  Triton kernels under the Triton interpreter (slow; for tests on small shapes).
+- CPU tensors otherwise: the PyTorch implementation of the same algorithm.
+`backend="triton" | "torch" | "fla"` forces one; a forced backend that cannot run raises.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch", "fla")
+
+
+def triton_interpreting() -> bool:
+    """True when Triton kernels run under the interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def can_run(backend: str, device: torch.device) -> tuple[bool, str]:
+    """Whether `backend` can run on `device`, and if not, why."""
+    if backend == "torch":
+        return True, ""
+    if not triton_available():
+        return False, "triton is not installed"
+    if device.type == "cuda":
+        return True, ""
+    if device.type == "cpu" and triton_interpreting():
+        if backend == "fla":
+            return False, "fla's kernels need CUDA (they do not run under the Triton interpreter)"
+        return True, ""
+    return False, (
+        f"Triton kernels need CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton is "
+        f"imported; got tensors on {device}"
+    )
+
+
+def resolve(backend: str, device: torch.device, supported: tuple[str, ...], method: str) -> str:
+    """Turn the requested backend into the one that runs, or raise if a forced one cannot."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        for candidate in ("triton", "torch"):
+            if candidate in supported and can_run(candidate, device)[0]:
+                return candidate
+        for candidate in supported:
+            if can_run(candidate, device)[0]:
+                return candidate
+        raise ValueError(f"method {method!r} has no backend that runs on {device} (it has {', '.join(supported)})")
+    if backend not in supported:
+        raise ValueError(f"method {method!r} has no {backend!r} backend; it has {', '.join(supported)}")
+    ok, why = can_run(backend, device)
+    if not ok:
+        raise ValueError(f"backend={backend!r} cannot run method {method!r}: {why}")
+    return backend

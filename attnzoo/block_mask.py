@@ -1,0 +1,146 @@
+"""BlockMask: which (query block, key block) pairs attention computes, in user and kernel form.
+
+User form: a bool tensor (B|1, H|1, nQB, nKB), True = compute. Kernel form (`SparseIndex`), built on
+the mask's device with no host sync, FlexAttention style: for every (batch, head, query block) the
+number and the list of key blocks to visit, split into *full* blocks (every query/key pair in the
+block is visible: no element mask needed) and *partial* blocks (on a causal/window boundary or the
+ragged tail: element mask applied), plus the transposed lists (per key block, the query blocks) that
+the backward's dK/dV pass walks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SparseIndex:
+    """Kernel form of a block mask for one call geometry (N, M, causal, window).
+
+    Counts are int32 (Bm, Hm, rows); index lists int32 (Bm, Hm, rows, cols) with the first `count`
+    entries valid, in ascending order. Bm is 1 or B, Hm is 1 or Hq (broadcast when 1).
+    """
+
+    block_q: int
+    block_k: int
+    kv_count_full: torch.Tensor  # (Bm, Hm, nQB)
+    kv_index_full: torch.Tensor  # (Bm, Hm, nQB, nKB)
+    kv_count_part: torch.Tensor
+    kv_index_part: torch.Tensor
+    q_count_full: torch.Tensor  # (Bm, Hm, nKB)
+    q_index_full: torch.Tensor  # (Bm, Hm, nKB, nQB)
+    q_count_part: torch.Tensor
+    q_index_part: torch.Tensor
+
+
+def _as_pair(block_size) -> tuple[int, int]:
+    pair = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
+    if len(pair) != 2 or not all(isinstance(b, int) and not isinstance(b, bool) for b in pair):
+        raise TypeError(f"block_size must be an int or a (block_q, block_k) pair of ints, got {block_size!r}")
+    for b in pair:
+        if b < 16 or b & (b - 1):
+            raise ValueError(f"block sizes must be powers of two >= 16, got {block_size!r}")
+    return pair
+
+
+def _lists(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., R, C) bool -> counts (..., R) int32 and the selected column indices first, ascending."""
+    counts = selected.sum(dim=-1, dtype=torch.int32)
+    order = torch.sort((~selected).to(torch.uint8), dim=-1, stable=True).indices
+    return counts.contiguous(), order.to(torch.int32).contiguous()
+
+
+def block_geometry(n: int, m: int, block_q: int, block_k: int, *, causal: bool, window=(-1, -1),
+                   device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which blocks the causal/window mask touches at all, and which it leaves fully visible.
+
+    Returns (any_visible, fully_visible), bool (nQB, nKB). Query i sees key j iff
+    -left <= j - i - (M - N) <= right (bottom-right aligned; causal means right = 0). A block
+    reaching past the last key is never fully visible (its tail needs masking).
+    """
+    left, right = window
+    if causal:
+        right = 0
+    n_qb, n_kb = -(-n // block_q), -(-m // block_k)
+    q_first = torch.arange(n_qb, device=device)[:, None] * block_q
+    q_last = torch.clamp(q_first + block_q, max=n) - 1
+    k_first = torch.arange(n_kb, device=device)[None, :] * block_k
+    k_last_full = k_first + block_k - 1
+    k_last = torch.clamp(k_last_full, max=m - 1)
+    diag = m - n
+    any_visible = torch.ones(n_qb, n_kb, dtype=torch.bool, device=device)
+    fully = k_last_full < m
+    if right >= 0:
+        any_visible &= k_first - q_last - diag <= right
+        fully &= k_last_full - q_first - diag <= right
+    if left >= 0:
+        any_visible &= k_last - q_first - diag >= -left
+        fully &= k_first - q_last - diag >= -left
+    return any_visible, fully & any_visible
+
+
+class BlockMask:
+    """A block-sparsity pattern: `mask` bool (B|1, H|1, nQB, nKB) with block size (block_q, block_k).
+
+    Query head h uses row h of the mask (or row 0 when H is 1); the mask is per query head, so heads
+    of one GQA group may choose different blocks.
+    """
+
+    def __init__(self, mask: torch.Tensor, block_size=128):
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+        if mask.dim() == 2:
+            mask = mask[None, None]
+        if mask.dim() != 4:
+            raise ValueError(f"mask must have shape (B|1, H|1, nQB, nKB), got {tuple(mask.shape)}")
+        self.mask = mask
+        self.block_q, self.block_k = _as_pair(block_size)
+        self._index_cache: dict[tuple, SparseIndex] = {}
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.mask.shape)
+
+    @property
+    def block_size(self) -> tuple[int, int]:
+        return self.block_q, self.block_k
+
+    def density(self) -> float:
+        """Fraction of blocks kept, over every stored (batch, head, query block, key block)."""
+        return self.mask.float().mean().item()
+
+    def to_dense(self) -> torch.Tensor:
+        """The bool block mask (B|1, H|1, nQB, nKB)."""
+        return self.mask
+
+    def check_fits(self, batch: int, heads: int, n: int, m: int) -> None:
+        """Raise ValueError unless this mask fits q (batch, heads, n, .) and k (., ., m, .)."""
+        Bm, Hm, n_qb, n_kb = self.mask.shape
+        want = (-(-n // self.block_q), -(-m // self.block_k))
+        if (n_qb, n_kb) != want:
+            raise ValueError(
+                f"block_mask has {n_qb}x{n_kb} blocks of {self.block_q}x{self.block_k}; "
+                f"N={n}, M={m} need {want[0]}x{want[1]}")
+        if Bm not in (1, batch) or Hm not in (1, heads):
+            raise ValueError(f"block_mask has shape {self.shape}; expected ({batch}|1, {heads}|1, {n_qb}, {n_kb})")
+
+    def sparse_index(self, n: int, m: int, *, causal: bool, window=(-1, -1)) -> SparseIndex:
+        """Kernel form for this geometry (cached): full and partial lists, and their transposes."""
+        key = (n, m, causal, tuple(window))
+        if key not in self._index_cache:
+            any_visible, fully = block_geometry(n, m, self.block_q, self.block_k, causal=causal,
+                                                window=window, device=self.mask.device)
+            full = self.mask & fully
+            part = self.mask & any_visible & ~fully
+            self._index_cache[key] = SparseIndex(
+                self.block_q, self.block_k,
+                *_lists(full), *_lists(part),
+                *_lists(full.transpose(-1, -2)), *_lists(part.transpose(-1, -2)),
+            )
+        return self._index_cache[key]
+
+    def __repr__(self) -> str:
+        return (f"BlockMask(shape={self.shape}, block_size={self.block_size}, "
+                f"density={self.density():.3f})")

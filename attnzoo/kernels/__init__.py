@@ -1,0 +1,1 @@
+"""Triton kernels. They take tensors, strides and index lists, and know no method or API object."""

@@ -1,0 +1,127 @@
+"""Input checks at the API boundary, shared by every method.
+
+Every error names the argument, what it got and what was expected, so that a wrong call fails
+before any kernel runs and never returns a silently wrong result.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .registry import MethodInfo
+
+_DTYPE_NAMES = {
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float32: "float32",
+    torch.float64: "float64",
+}
+
+
+def check_qkv(q, k, v, *, info: MethodInfo) -> None:
+    """Validate q (B, Hq, N, D), k (B, Hk, M, D), v (B, Hk, M, Dv) against the method's `supports`."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have 4 dims (batch, heads, seqlen, head_dim), got shape {tuple(t.shape)}")
+    sup = info.supports
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        dtype_name = _DTYPE_NAMES.get(t.dtype)
+        if dtype_name not in sup.dtypes:
+            raise TypeError(f"{name} has dtype {t.dtype}; method {info.name!r} supports {', '.join(sup.dtypes)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
+
+    (B, Hq, N, D), (Bk, Hk, M, Dk), (Bv, Hv, Mv, Dv) = q.shape, k.shape, v.shape
+    if not (B == Bk == Bv):
+        raise ValueError(f"batch sizes differ: q {B}, k {Bk}, v {Bv} (shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)})")
+    if B < 1:
+        raise ValueError(f"batch size must be >= 1, got q shape {tuple(q.shape)}")
+    if Hk != Hv:
+        raise ValueError(f"k and v must have the same number of heads, got k {Hk} and v {Hv}")
+    if Hq < 1 or Hk < 1 or Hq % Hk != 0:
+        raise ValueError(f"query heads must be a multiple of key/value heads (GQA), got q heads {Hq}, k heads {Hk}")
+    if Hq != Hk and not sup.gqa:
+        raise ValueError(f"method {info.name!r} does not support grouped-query attention: q heads {Hq} != k heads {Hk}")
+    if M != Mv:
+        raise ValueError(f"k and v must have the same sequence length, got k {M} and v {Mv}")
+    if N < 1:
+        raise ValueError(f"q sequence length must be >= 1, got shape {tuple(q.shape)}")
+    if M < 1:
+        raise ValueError(f"k/v sequence length must be >= 1, got shape {tuple(k.shape)}")
+    if D != Dk:
+        raise ValueError(f"q and k head dims must match, got q {D} and k {Dk}")
+    lo, hi = sup.head_dims
+    if not lo <= D <= hi:
+        raise ValueError(f"q/k head dim must be in [{lo}, {hi}] for method {info.name!r}, got {D}")
+    if not lo <= Dv <= hi:
+        raise ValueError(f"v head dim must be in [{lo}, {hi}] for method {info.name!r}, got {Dv}")
+
+
+def check_causal(causal, *, info: MethodInfo) -> None:
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if causal and not info.supports.causal:
+        raise ValueError(f"method {info.name!r} is non-causal only; call it with causal=False")
+    if not causal and not info.supports.non_causal:
+        raise ValueError(f"method {info.name!r} is causal only; call it with causal=True")
+
+
+def resolve_scale(scale, head_dim: int) -> float:
+    """`scale` defaults to head_dim ** -0.5; a given one must be a finite real number."""
+    if scale is None:
+        return head_dim ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return float(scale)
+
+
+def check_window(window_size) -> tuple[int, int]:
+    """(left, right) with -1 meaning unbounded, as in flash-attn."""
+    if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2):
+        raise TypeError(f"window_size must be a (left, right) pair of ints, got {window_size!r}")
+    left, right = window_size
+    for side, w in (("left", left), ("right", right)):
+        if isinstance(w, bool) or not isinstance(w, int) or w < -1:
+            raise ValueError(f"window_size {side} must be an int >= -1 (-1 = unbounded), got {w!r}")
+    return int(left), int(right)
+
+
+def check_softcap(softcap) -> float:
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"softcap must be a finite float >= 0 (0 disables it), got {softcap!r}")
+    return float(softcap)
+
+
+def check_tensor(name: str, t, *, shape: tuple, like: torch.Tensor, dtype=None) -> None:
+    """Check an extra input tensor: `shape` entries may be an int, a tuple of allowed ints, or None (any)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != len(shape):
+        raise ValueError(f"{name} must have {len(shape)} dims, got shape {tuple(t.shape)}; expected {_fmt(shape)}")
+    for got, want in zip(t.shape, shape):
+        allowed = (want,) if isinstance(want, int) else want
+        if want is not None and got not in allowed:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {_fmt(shape)}")
+    if t.device != like.device:
+        raise ValueError(f"{name} must be on {like.device}, got {t.device}")
+    if dtype is not None and t.dtype not in (dtype if isinstance(dtype, tuple) else (dtype,)):
+        raise TypeError(f"{name} has dtype {t.dtype}; expected {dtype}")
+
+
+def _fmt(shape: tuple) -> str:
+    def one(s):
+        if s is None:
+            return "*"
+        if isinstance(s, tuple):
+            return "|".join(str(x) for x in s)
+        return str(s)
+
+    return "(" + ", ".join(one(s) for s in shape) + ")"
