@@ -4,6 +4,7 @@
   before anything imports triton. Under the interpreter attnzoo launches kernels with one small fixed
   tile configuration instead of autotuning (see attnzoo/kernels/_config.py), so that small shapes
   still cross several tiles. The torch backend is tested in the same process with backend="torch".
+- ATTNZOO_POISON=1: every kernel output buffer is filled with NaN before the kernel writes it.
 - Hypothesis profiles: "ci" (default, few examples) and "thorough" (many):
   `pytest --hypothesis-profile=thorough`.
 - `@pytest.mark.gpu` tests run only where CUDA is available.
@@ -12,6 +13,7 @@
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("ATTNZOO_POISON", "1")  # kernel outputs start as NaN: unwritten elements show
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

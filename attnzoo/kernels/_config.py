@@ -33,8 +33,14 @@ def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs get exact fp32 products (not tf32): attnzoo promises fp32 accuracy in fp32."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """The PRECISION constexpr of the kernels' dots. fp32 inputs get exact fp32 products ("ieee",
+    not tf32): attnzoo promises fp32 accuracy in fp32. "upcast" works around the Triton interpreter,
+    whose tl.dot computes garbage for bf16 operands: there the kernel upcasts them to fp32 first."""
+    if dtype == torch.float32:
+        return "ieee"
+    if dtype == torch.bfloat16 and triton_interpreting():
+        return "upcast"
+    return "tf32"
 
 
 def next_pow2(x: int) -> int:

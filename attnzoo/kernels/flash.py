@@ -39,6 +39,14 @@ def _tanh(x):
 
 
 @triton.jit
+def _dot(a, b, PRECISION: tl.constexpr):
+    """a @ b with fp32 accumulation; PRECISION comes from _config.dot_precision."""
+    if PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
 def _visible(rows, cols, M, diag, window_left, window_right,
              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
     """Bool tile: key `cols` visible to query `rows` (broadcastable index tensors)."""
@@ -108,7 +116,7 @@ def _fwd_tile(acc, row_sum, row_max, q, K, V, stride_kn, stride_kd, stride_vn, s
     """One key tile of the online softmax: update (acc, row_sum, row_max) with keys [start_n, +BLOCK_N)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = _load_rows(K, offs_n, stride_kn, M, offs_d, stride_kd, D)  # (BLOCK_N, BLOCK_D)
-    s = _scores_log2(tl.dot(q, tl.trans(k), input_precision=PRECISION), scale, softcap, HAS_SOFTCAP)
+    s = _scores_log2(_dot(q, tl.trans(k), PRECISION), scale, softcap, HAS_SOFTCAP)
     if MASKED:
         keep = _visible(offs_m[:, None], offs_n[None, :], M, diag, window_left, window_right, HAS_LEFT, HAS_RIGHT)
         s = tl.where(keep, s, float("-inf"))
@@ -120,7 +128,7 @@ def _fwd_tile(acc, row_sum, row_max, q, K, V, stride_kn, stride_kd, stride_vn, s
     p = tl.exp2(s - safe_max[:, None])  # (BLOCK_M, BLOCK_N)
     alpha = tl.exp2(row_max - safe_max)
     v = _load_rows(V, offs_n, stride_vn, M, offs_dv, stride_vd, DV)  # (BLOCK_N, BLOCK_DV)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
     return acc, row_sum * alpha + tl.sum(p, 1), new_max
 
 
@@ -247,17 +255,17 @@ def _dq_tile(dq, q, do, lse2, delta, K, V, stride_kn, stride_kd, stride_vn, stri
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = _load_rows(K, offs_n, stride_kn, M, offs_d, stride_kd, D)  # (BLOCK_N, BLOCK_D)
     v = _load_rows(V, offs_n, stride_vn, M, offs_dv, stride_vd, DV)  # (BLOCK_N, BLOCK_DV)
-    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
+    qk = _dot(q, tl.trans(k), PRECISION)  # (BLOCK_M, BLOCK_N)
     s = _scores_log2(qk, scale, softcap, HAS_SOFTCAP)
     if MASKED:
         keep = _visible(offs_m[:, None], offs_n[None, :], M, diag, window_left, window_right, HAS_LEFT, HAS_RIGHT)
         s = tl.where(keep, s, float("-inf"))
     p = tl.exp2(s - lse2[:, None])
-    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    dp = _dot(do, tl.trans(v), PRECISION)
     ds = p * (dp - delta[:, None])
     if HAS_SOFTCAP:
         ds = ds * _softcap_grad(qk, scale, softcap)
-    return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    return dq + _dot(ds.to(k.dtype), k, PRECISION)
 
 
 @triton.jit
@@ -346,18 +354,18 @@ def _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qn, stride_qd, stride_don
     q = _load_rows(Q, offs_m, stride_qn, N, offs_d, stride_qd, D)  # (BLOCK_M, BLOCK_D)
     do = _load_rows(DO, offs_m, stride_don, N, offs_dv, stride_dod, DV)  # (BLOCK_M, BLOCK_DV)
     lse2, delta = _load_row_stats(LSE, DELTA, offs_m, N)
-    qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
+    qk_t = _dot(k, tl.trans(q), PRECISION)  # (BLOCK_N, BLOCK_M)
     s_t = _scores_log2(qk_t, scale, softcap, HAS_SOFTCAP)
     if MASKED:
         keep = _visible(offs_m[None, :], offs_n[:, None], M, diag, window_left, window_right, HAS_LEFT, HAS_RIGHT)
         s_t = tl.where(keep, s_t, float("-inf"))
     p_t = tl.exp2(s_t - lse2[None, :])
-    dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
-    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    dv += _dot(p_t.to(do.dtype), do, PRECISION)
+    dp_t = _dot(v, tl.trans(do), PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
     if HAS_SOFTCAP:
         ds_t = ds_t * _softcap_grad(qk_t, scale, softcap)
-    return dk + tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION), dv
+    return dk + _dot(ds_t.to(q.dtype), q, PRECISION), dv
 
 
 @triton.jit

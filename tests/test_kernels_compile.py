@@ -1,0 +1,49 @@
+"""The flash kernels compile for real GPUs (sm_80, sm_90) in every variant the launchers use.
+(One child process compiles them all; see cuda_compile.py for why.)"""
+
+from attnzoo.kernels import flash
+from attnzoo.kernels._config import prune_for_sparse
+from cuda_compile import compile_in_subprocess
+
+SPARSE_POINTERS = ("COUNT_FULL", "INDEX_FULL", "COUNT_PART", "INDEX_PART")
+TENSORS = {
+    "_flash_fwd_kernel": ("Q", "K", "V", "O", "LSE"),
+    "_flash_dq_kernel": ("Q", "K", "V", "DO", "DQ", "LSE", "DELTA"),
+    "_flash_dkdv_kernel": ("Q", "K", "V", "DO", "DK", "DV_OUT", "LSE", "DELTA"),
+}
+VARIANTS = [  # together they cover every constexpr branch: dense/sparse, masks, softcap, each dtype, both archs
+    # kernel, dtype, sparse, causal, window, softcap, tiles (m, n), head dim, arch
+    ("_flash_fwd_kernel", "*bf16", False, True, False, False, (128, 64), 128, 90),
+    ("_flash_fwd_kernel", "*fp32", True, False, True, True, (32, 32), 64, 80),
+    ("_flash_dq_kernel", "*fp16", True, True, False, False, (64, 64), 64, 90),
+    ("_flash_dkdv_kernel", "*bf16", False, False, True, True, (32, 64), 64, 80),
+]
+
+
+def _job(kernel, dtype, sparse, causal, window, softcap, tiles, head_dim, arch):
+    pointers = {name: {"LSE": "*fp32", "DELTA": "*fp32"}.get(name, dtype) for name in TENSORS[kernel]}
+    pointers.update({name: ("*i32" if sparse else None) for name in SPARSE_POINTERS})
+    meta = dict(HAS_LEFT=window, HAS_RIGHT=causal or window, HAS_SOFTCAP=softcap,
+                SPARSE_Q=128 if sparse else 0, SPARSE_K=128 if sparse else 0, BLOCK_M=tiles[0], BLOCK_N=tiles[1],
+                BLOCK_D=head_dim, BLOCK_DV=head_dim, PRECISION="ieee" if dtype == "*fp32" else "tf32")
+    return dict(kernel=f"attnzoo.kernels.flash:{kernel}", pointers=pointers, floats=["scale", "softcap"],
+                constexprs=meta, arch=arch, num_warps=4)
+
+
+def test_flash_kernels_compile_for_sm80_and_sm90():
+    jobs = [_job(*variant) for variant in VARIANTS]
+    jobs.append(dict(kernel="attnzoo.kernels.flash:_delta_kernel",
+                     pointers={"O": "*bf16", "DO": "*bf16", "DELTA": "*fp32"},
+                     constexprs=dict(BLOCK_M=64, BLOCK_DV=128)))
+    result = compile_in_subprocess(jobs)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("ok ") == len(jobs), result.stdout
+
+
+def test_every_autotune_config_set_divides_into_sparse_blocks():
+    for tuned in (flash._flash_fwd_tuned, flash._flash_dq_tuned, flash._flash_dkdv_tuned):
+        for sparse_q, sparse_k in [(16, 16), (32, 64), (128, 128), (64, 256)]:
+            kept = prune_for_sparse(tuned.configs, {}, SPARSE_Q=sparse_q, SPARSE_K=sparse_k)
+            assert kept, (sparse_q, sparse_k)
+            assert all(sparse_q % c.kwargs["BLOCK_M"] == 0 and sparse_k % c.kwargs["BLOCK_N"] == 0 for c in kept)
+        assert prune_for_sparse(tuned.configs, {}, SPARSE_Q=0, SPARSE_K=0) == tuned.configs
