@@ -9,4 +9,16 @@ from .registry import MethodInfo, info, list_methods, register
 
 __version__ = "0.1.0"
 
-__all__ = ["Method", "MethodInfo", "attention", "get", "info", "list_methods", "register", "__version__"]
+__all__ = ["Method", "MethodInfo", "attention", "get", "info", "list_methods", "patch", "patched", "register",
+           "unpatch", "__version__"]
+
+_HF_EXPORTS = ("patch", "unpatch", "patched")
+
+
+def __getattr__(name):
+    """attnzoo.patch / unpatch / patched live in attnzoo.hf, imported on first use (transformers is optional)."""
+    if name in _HF_EXPORTS:
+        from . import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module 'attnzoo' has no attribute {name!r}")

@@ -1,0 +1,450 @@
+"""attnzoo.hf: patching tiny random transformers models (built from configs, no downloads) on CPU.
+
+Methods run with backend="torch" (the Triton interpreter is too slow for whole models) except in
+the one test that checks the kernel path.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attnzoo
+
+transformers = pytest.importorskip("transformers")
+hf = pytest.importorskip("attnzoo.hf")
+
+VOCAB = 97
+TORCH = {"backend": "torch"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine threads contend badly."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def register(monkeypatch):
+    """attnzoo.register for one test: the method (and any adapter) is gone afterwards, so that tests
+    elsewhere that walk the registry never see it."""
+    from attnzoo.registry import REGISTRY
+
+    monkeypatch.setattr(hf, "_ADAPTERS", {})
+
+    def add(name, fn, **kwargs):
+        monkeypatch.setitem(REGISTRY._entries(), name, None)
+        monkeypatch.setitem(REGISTRY._functions, name, fn)
+        kwargs.setdefault("family", "exact")
+        kwargs.setdefault("supports", {"dtypes": ["float32"]})
+        attnzoo.register(name, fn, overwrite=True, **kwargs)
+        return name
+
+    return add
+
+
+def method_or_skip(name: str) -> str:
+    """Skip unless `name` is registered and its module imports (methods land in parallel)."""
+    if name not in attnzoo.list_methods():
+        pytest.skip(f"method {name!r} is not in the registry yet")
+    try:
+        attnzoo.get(name)
+    except ImportError as e:
+        pytest.skip(f"method {name!r} does not import yet: {e}")
+    return name
+
+
+def llama(eager: bool = False):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+        attn_implementation="eager" if eager else "sdpa",
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def bert():
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64,
+    )
+    model = transformers.BertModel(config).eval()
+    if not hf.attention_layers(model):
+        pytest.skip(f"BERT does not use the AttentionInterface in transformers {transformers.__version__}")
+    return model
+
+
+def run(model, ids, mask=None):
+    """Logits (or last hidden states). Position ids count real tokens only, as generate() does, so that a
+    padded row sees the same positions as the sequence alone."""
+    positions = None if mask is None else (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def tokens(batch: int, length: int) -> torch.Tensor:
+    return torch.randint(1, VOCAB, (batch, length))
+
+
+def assert_close(got, want, rel=1e-5):
+    torch.testing.assert_close(got, want, atol=rel * want.abs().max().item(), rtol=0)
+
+
+MODELS = {"llama": llama, "llama-eager": lambda: llama(eager=True), "bert": bert}
+
+
+# ---------------------------------------------------------------------------------------------------
+# exact methods reproduce the model
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_dense_equals_unpatched(name):
+    model = MODELS[name]()
+    ids = tokens(2, 24)
+    want = run(model, ids)
+    with hf.patched(model, method_or_skip("dense"), **TORCH):
+        got = run(model, ids)
+    assert_close(got, want)
+
+
+def test_dense_kernel_path_equals_unpatched():
+    """backend="auto" runs the Triton kernel (interpreted on CPU under the test harness)."""
+    model = bert()
+    ids = tokens(1, 20)
+    want = run(model, ids)
+    with hf.patched(model, method_or_skip("dense")):
+        got = run(model, ids)
+    assert_close(got, want)
+
+
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_xattention_threshold_one_equals_unpatched(name):
+    model = MODELS[name]()
+    ids = tokens(2, 40)
+    want = run(model, ids)
+    with hf.patched(model, method_or_skip("xattention"), threshold=1.0, block_size=16, stride=4, **TORCH):
+        got = run(model, ids)
+    assert_close(got, want)
+
+
+def test_patched_path_is_taken(register):
+    """Guard against a patch that silently leaves the original attention running."""
+    calls = []
+
+    def zero(q, k, v, *, causal, scale, backend):
+        calls.append((q.shape[2], k.shape[2], causal))
+        return torch.zeros_like(q)
+
+    register("test_hf_zero", zero)
+    model = llama()
+    ids = tokens(1, 9)
+    want = run(model, ids)
+    with hf.patched(model, "test_hf_zero"):
+        got = run(model, ids)
+    assert calls == [(9, 9, True)] * 2
+    assert (got - want).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------------
+# padding
+
+
+@pytest.mark.parametrize("name,side", [("llama", "left"), ("llama", "right"), ("llama-eager", "left"),
+                                       ("bert", "right")])
+def test_padded_row_equals_sequence_alone(name, side):
+    model = MODELS[name]()
+    ids, pad, length = tokens(3, 20), 7, 13
+    mask = torch.ones_like(ids)
+    real = slice(pad, None) if side == "left" else slice(None, length)
+    mask[1] = 0
+    mask[1, real] = 1
+    with hf.patched(model, method_or_skip("dense"), **TORCH):
+        batch = run(model, ids, mask)
+        alone = run(model, ids[1:2, real])
+        full = run(model, ids[2:3])
+    assert_close(batch[1, real], alone[0])
+    assert_close(batch[2], full[0])  # unpadded rows of a padded batch are untouched
+
+
+def test_padding_matches_unpatched_model():
+    model = llama()
+    ids = tokens(2, 16)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    want = run(model, ids, mask)
+    with hf.patched(model, method_or_skip("dense"), **TORCH):
+        got = run(model, ids, mask)
+    assert_close(got[0, 5:], want[0, 5:])
+    assert_close(got[1], want[1])
+
+
+def test_non_padding_mask_is_refused():
+    """A 4D mask that is not key padding (here: sliding window) must raise, never be reduced silently."""
+    model = llama()
+    ids = tokens(1, 8)
+    window = torch.ones(8, 8, dtype=torch.bool).tril() & ~torch.ones(8, 8, dtype=torch.bool).tril(-3)
+    with hf.patched(model, method_or_skip("dense"), **TORCH):
+        with pytest.raises(NotImplementedError, match="not a padding mask"):
+            model(input_ids=ids, attention_mask=window[None, None])
+
+
+def test_key_validity():
+    causal = torch.ones(4, 6, dtype=torch.bool).tril(2)
+    assert hf.key_validity(None, 4, 6, causal=True) is None
+    assert hf.key_validity(causal[None, None], 4, 6, causal=True) is None
+    padded = causal.clone()
+    padded[:, :2] = False
+    valid = hf.key_validity(padded[None, None], 4, 6, causal=True)
+    assert valid.tolist() == [[False, False, True, True, True, True]]
+    additive = torch.where(padded, 0.0, torch.finfo(torch.float32).min)
+    assert torch.equal(hf.key_validity(additive[None, None], 4, 6, causal=True), valid)
+    with pytest.raises(NotImplementedError, match="additive bias"):
+        hf.key_validity(additive[None, None] + 0.5, 4, 6, causal=True)
+    with pytest.raises(NotImplementedError, match="not a padding mask"):
+        hf.key_validity(causal[None, None], 4, 6, causal=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# decoding
+
+
+def greedy(model, ids, mask, **kwargs):
+    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
+                          pad_token_id=0, **kwargs)[:, ids.shape[1]:]
+
+
+def test_generate_with_dense_matches_unpatched():
+    model = llama()
+    ids = tokens(2, 10)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    want = greedy(model, ids, mask)
+    with hf.patched(model, method_or_skip("dense"), **TORCH):
+        got = greedy(model, ids, mask)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("method,params", [("gla", {}), ("lawcat", {}),
+                                           ("seerattention", {"topk_ratio": 0.5, "block_size": 16})])
+def test_generate_cache_equals_recompute(method, params):
+    """Linear methods decode over the KV cache by recomputing with the queries they kept, sparse ones fall
+    back to dense for one query: the tokens must be those of running the whole sequence at every step."""
+    model = llama()
+    ids = tokens(2, 7)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with hf.patched(model, method_or_skip(method), **params, **TORCH):
+        cached = greedy(model, ids, mask)
+        uncached = greedy(model, ids, mask, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_decoding_without_kept_queries_raises():
+    model = llama()
+    ids = tokens(1, 6)
+    cache = model(input_ids=ids, use_cache=True).past_key_values  # built by sdpa, not the patched method
+    with hf.patched(model, method_or_skip("gla"), **TORCH):
+        with pytest.raises(RuntimeError, match="cached tokens"):
+            model(input_ids=tokens(1, 1), past_key_values=cache)
+
+
+# ---------------------------------------------------------------------------------------------------
+# learned parts (linear methods)
+
+
+@pytest.mark.parametrize("name,method,part", [("llama", "gla", "GLAGate"), ("llama", "lawcat", "LAWCATAdapter"),
+                                              ("bert", "wersa", "WERSAGates"), ("bert", "based", None)])
+def test_linear_method_learned_parts_train(name, method, part):
+    model = MODELS[name]()
+    hf.patch(model, method_or_skip(method), **TORCH)
+    params = hf.trainable_parameters(model)
+    adapters = {type(m.attnzoo.adapter).__name__ for _, m in hf.attention_layers(model)}
+    assert adapters == ({part} if part else {"NoneType"})
+    assert bool(params) == bool(part) and all(p.grad is None for p in params)
+    ids = tokens(2, 12)
+    logits = run(model, ids)
+    assert torch.isfinite(logits).all()
+    logits.square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
+    assert all(p.grad.abs().sum() > 0 for p in params if p.numel() > 1 or p.shape == ())
+    hf.unpatch(model)
+    assert hf.trainable_parameters(model) == []
+
+
+def test_linear_method_padding():
+    model = llama()
+    ids = tokens(2, 12)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    with hf.patched(model, method_or_skip("gla"), **TORCH):
+        batch = run(model, ids, mask)
+        alone = run(model, ids[:1, 4:])
+    assert_close(batch[0, 4:], alone[0])
+
+
+def test_known_adapter_missing_class_is_named(monkeypatch):
+    monkeypatch.setitem(hf._KNOWN_ADAPTERS, "test_hf_nogate",
+                        ("attnzoo.methods.dense", "NoSuchGate", None, None))
+    with pytest.raises(NotImplementedError, match="attnzoo.methods.dense.NoSuchGate"):
+        hf.adapter_for("test_hf_nogate")
+
+
+def test_registered_adapter_feeds_the_method(register):
+    """register_adapter: a third-party method gets a learned part built per layer and its inputs per call."""
+    seen = []
+
+    def scaled(q, k, v, *, causal, scale, backend, temperature=None):
+        seen.append(temperature.shape)
+        n, m = q.shape[2], k.shape[2]
+        mask = torch.ones(n, m, dtype=torch.bool).tril(m - n)
+        return F.scaled_dot_product_attention(q * temperature, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+
+    register("test_hf_temp", scaled, inputs=["temperature"])
+    hf.register_adapter("test_hf_temp", lambda shape, params: torch.nn.Linear(shape.hidden_size, shape.num_heads),
+                        lambda lin, x: {"temperature": 1 + lin(x.hidden).transpose(1, 2)[..., None]},
+                        overwrite=True)
+    model = llama()
+    hf.patch(model, "test_hf_temp", layers=[1])
+    run(model, tokens(2, 7)).sum().backward()
+    assert seen == [(2, 4, 7, 1)]
+    (lin,) = {m.attnzoo.adapter for _, m in hf.attention_layers(model) if hasattr(m, "attnzoo")}
+    assert [p.grad is not None for p in hf.trainable_parameters(model)] == [True, True]
+    assert set(map(id, hf.trainable_parameters(model))) == set(map(id, lin.parameters()))
+    with pytest.raises(ValueError, match="already has an adapter"):
+        hf.register_adapter("test_hf_temp", lambda s, p: None, lambda a, x: {})
+    hf.unpatch(model)
+
+
+# ---------------------------------------------------------------------------------------------------
+# layers, unpatch, errors
+
+
+def test_layers_patches_only_those(register):
+    model = llama()
+    ids = tokens(1, 9)
+    hf.patch(model, method_or_skip("dense"), layers=[1], **TORCH)
+    layers = dict(hf.attention_layers(model))
+    assert not hasattr(layers[0], "attnzoo") and hasattr(layers[1], "attnzoo")
+    hf.unpatch(model)
+
+    calls = []
+
+    def counting(q, k, v, *, causal, scale, backend):
+        calls.append(1)
+        return torch.zeros_like(q)
+
+    register("test_hf_count", counting)
+    hf.patch(model, "test_hf_count", layers=range(1, 2))
+    run(model, ids)
+    assert calls == [1]
+
+
+def test_unpatch_restores_everything():
+    model = llama()
+    ids = tokens(2, 8)
+    want = run(model, ids)
+    modules_before = {name for name, _ in model.named_modules()}
+    hf.patch(model, method_or_skip("gla"), **TORCH)
+    assert model.config._attn_implementation == "attnzoo"
+    hf.unpatch(model)
+    assert model.config._attn_implementation == "sdpa"
+    assert {name for name, _ in model.named_modules()} == modules_before
+    assert all(not m._forward_pre_hooks for _, m in hf.attention_layers(model))
+    assert torch.equal(run(model, ids), want)
+    with pytest.raises(ValueError, match="not patched"):
+        hf.unpatch(model)
+
+
+def test_patched_context_unpatches_on_error():
+    model = llama(eager=True)
+    with pytest.raises(KeyError):
+        with hf.patched(model, method_or_skip("dense")):
+            assert model.config._attn_implementation == "attnzoo_eager"
+            raise KeyError("boom")
+    assert model.config._attn_implementation == "eager"
+
+
+def test_usage_errors():
+    model = llama()
+    with pytest.raises(ValueError, match="'nope' is not an attnzoo method; known methods: .*dense"):
+        hf.patch(model, "nope")
+    with pytest.raises(TypeError, match="method must be a str"):
+        hf.patch(model, None)
+    with pytest.raises(TypeError, match="unknown parameter"):
+        hf.patch(model, "dense", thresold=0.5)
+    with pytest.raises(ValueError, match=r"layers \[2, 7\] out of range.*0\.\.1"):
+        hf.patch(model, "dense", layers=[0, 2, 7])
+    with pytest.raises(TypeError, match="layers must"):
+        hf.patch(model, "dense", layers=1)
+    assert model.config._attn_implementation == "sdpa"  # failed calls leave the model untouched
+    hf.patch(model, "dense", **TORCH)
+    with pytest.raises(ValueError, match="already patched"):
+        hf.patch(model, "dense")
+    hf.unpatch(model)
+
+
+def test_transformers_version_check():
+    for ok in ("4.51.3", "4.57.0", "5.0.0rc1", transformers.__version__):
+        hf.check_transformers_version(ok)
+    with pytest.raises(ImportError, match="transformers >= 4.51.*found 4.50.3"):
+        hf.check_transformers_version("4.50.3")
+
+
+def test_refuses_what_the_method_cannot_do(register):
+    model = llama()
+    with pytest.raises(ValueError, match="non-causal only"):
+        register("test_hf_bidir", lambda q, k, v, **kw: q, supports={"causal": False})
+        hf.patch(model, "test_hf_bidir")
+    model.config._attn_implementation = "flex_attention"
+    with pytest.raises(ValueError, match="'sdpa' or 'eager'"):
+        hf.patch(model, "dense")
+    model = llama().train()
+    for _, module in hf.attention_layers(model):
+        module.attention_dropout = 0.1  # active in training mode
+    with hf.patched(model, method_or_skip("dense"), **TORCH):
+        with pytest.raises(ValueError, match="dropout"):
+            run(model, tokens(1, 5))
+
+
+def test_public_exports():
+    if not hasattr(attnzoo, "patch"):
+        pytest.skip("attnzoo/__init__.py does not export patch/unpatch/patched yet")
+    assert (attnzoo.patch, attnzoo.unpatch, attnzoo.patched) == (hf.patch, hf.unpatch, hf.patched)
+
+
+def test_sliding_window_model_is_refused_beyond_its_window():
+    torch.manual_seed(0)
+    config = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, sliding_window=6)
+    model = transformers.MistralForCausalLM(config).eval()
+    ids = tokens(1, 6)
+    want = run(model, ids)
+    with hf.patched(model, method_or_skip("dense"), **TORCH):
+        assert_close(run(model, ids), want)  # within the window nothing is cut off
+        with pytest.raises(NotImplementedError, match="sliding-window"):
+            run(model, tokens(1, 9))
+
+
+def test_failed_patch_leaves_model_untouched(register):
+    def broken(shape, params):
+        raise RuntimeError("cannot build")
+
+    register("test_hf_broken", lambda q, k, v, **kw: q)
+    hf.register_adapter("test_hf_broken", broken, lambda a, x: {}, overwrite=True)
+    model = llama()
+    with pytest.raises(RuntimeError, match="cannot build"):
+        hf.patch(model, "test_hf_broken")
+    assert model.config._attn_implementation == "sdpa"
+    assert not any(hasattr(m, "attnzoo") for _, m in hf.attention_layers(model))
+    hf.patch(model, method_or_skip("dense"), **TORCH)  # and it can be patched afterwards
+    hf.unpatch(model)
+
+
+def test_no_test_method_leaks():
+    """Last in the file: the methods and adapters the tests above registered are gone."""
+    assert not [name for name in attnzoo.list_methods() if name.startswith("test_hf_")]
+    assert not hf._ADAPTERS
