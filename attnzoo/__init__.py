@@ -5,11 +5,12 @@
 """
 
 from .api import Method, attention, get
+from .linear import linear_state
 from .registry import MethodInfo, info, list_methods, register
 
 __version__ = "0.1.0"
 
-__all__ = ["Method", "MethodInfo", "attention", "get", "info", "list_methods", "patch", "patched", "register",
+__all__ = ["Method", "MethodInfo", "attention", "get", "info", "linear_state", "list_methods", "patch", "patched", "register",
            "unpatch", "__version__"]
 
 _HF_EXPORTS = ("patch", "unpatch", "patched")

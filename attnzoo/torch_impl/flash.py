@@ -2,8 +2,10 @@
 
 Same algorithm as the Triton kernel: keys are visited in chunks with an online softmax, the
 logsumexp is saved, and the backward recomputes probabilities from it, so memory stays linear in the
-sequence length (one (N, chunk) score tile per step, never (N, M)). Query heads of a GQA group read
-their kv head through a broadcast view, never a copy.
+sequence length (one (G*N, chunk) score tile per kv head per step, never (N, M)). The query heads of
+a GQA group are stacked as extra rows of their kv head, (B, Hk, G*N, D), so every product with k or
+v is one plain batched matmul, k and v are never repeated, and dK/dV sum over the group by
+construction.
 
 Shapes: q (B, Hq, N, D), k (B, Hk, M, D), v (B, Hk, M, Dv), o (B, Hq, N, Dv), lse (B, Hq, N) fp32.
 An optional block mask (B|1, Hq|1, nQB, nKB) bool with block sizes (block_q, block_k) restricts
@@ -23,36 +25,38 @@ def _accum_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _grouped(x: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
-    """(B, Hq, N, D) -> (B, Hk, G, N, D) view: query heads grouped under their kv head."""
-    B, Hq, N, D = x.shape
-    return x.reshape(B, n_kv_heads, Hq // n_kv_heads, N, D)
+def _fold_group(x: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
+    """(B, Hq, N, ...) -> (B, Hk, G*N, ...): query heads of a GQA group stacked as rows of their kv head."""
+    B, Hq, N = x.shape[:3]
+    return x.reshape(B, n_kv_heads, (Hq // n_kv_heads) * N, *x.shape[3:])
 
 
-def _visible(rows: torch.Tensor, cols: torch.Tensor, n: int, m: int, window: tuple[int, int]) -> torch.Tensor:
-    """(len(rows), len(cols)) bool: key j visible to query i under the bottom-right aligned window."""
+def _visible(n: int, m: int, start: int, stop: int, window: tuple[int, int], device) -> torch.Tensor:
+    """(N, stop - start) bool: key j visible to query i under the bottom-right aligned window."""
     left, right = window
-    rel = cols[None, :] - rows[:, None] - (m - n)
-    keep = cols[None, :] < m
+    rows = torch.arange(n, device=device)[:, None]
+    cols = torch.arange(start, stop, device=device)[None, :]
+    rel = cols - rows - (m - n)
+    keep = torch.ones(n, stop - start, dtype=torch.bool, device=device)
     if right >= 0:
-        keep = keep & (rel <= right)
+        keep &= rel <= right
     if left >= 0:
-        keep = keep & (rel >= -left)
+        keep &= rel >= -left
     return keep
 
 
-def _chunk_mask(start: int, stop: int, n: int, m: int, window, block_mask, block_q, block_k, n_kv_heads):
-    """Element mask of keys [start, stop) for all queries, broadcastable to (B, Hk, G, N, chunk)."""
-    device = block_mask.device if block_mask is not None else None
-    rows = torch.arange(n, device=device)
-    cols = torch.arange(start, stop, device=device)
-    keep = _visible(rows, cols, n, m, window)
+def _chunk_mask(start: int, stop: int, n: int, m: int, window, block_mask, block_q, block_k, n_kv_heads, group,
+                device) -> torch.Tensor:
+    """Element mask of keys [start, stop), broadcastable to the folded scores (B, Hk, G*N, chunk)."""
+    keep = _visible(n, m, start, stop, window, device)  # (N, chunk)
     if block_mask is not None:
-        blocks = block_mask[..., rows // block_q, :][..., cols // block_k]  # (B|1, Hq|1, N, chunk)
-        Bm, Hm = blocks.shape[:2]
-        blocks = blocks.reshape(Bm, n_kv_heads if Hm > 1 else 1, -1 if Hm > 1 else 1, n, stop - start)
-        keep = keep & blocks
-    return keep
+        rows = torch.arange(n, device=device) // block_q
+        cols = torch.arange(start, stop, device=device) // block_k
+        keep = keep & block_mask[..., rows, :][..., cols]  # (B|1, Hq|1, N, chunk)
+        if keep.shape[1] > 1:  # per query head: fold exactly like q
+            return _fold_group(keep, n_kv_heads)
+        return keep.repeat(1, 1, group, 1)  # one pattern for all heads: tile it over the group's rows
+    return keep.repeat(group, 1)
 
 
 def _chunks(m: int, block_k: int | None):
@@ -62,7 +66,7 @@ def _chunks(m: int, block_k: int | None):
 
 
 def _scores(q, k, scale, softcap):
-    """Scaled (and soft-capped) scores and tanh(raw/softcap) for the backward (None without softcap)."""
+    """Scaled (and soft-capped) scores, and tanh(scores / softcap) for the backward (None without softcap)."""
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
     if softcap > 0:
         t = torch.tanh(s / softcap)
@@ -76,28 +80,27 @@ def flash_fwd(q, k, v, *, scale: float, window=(-1, -1), softcap: float = 0.0,
     B, Hq, N, _ = q.shape
     Hk, M, Dv = k.shape[1], k.shape[2], v.shape[-1]
     acc_dtype = _accum_dtype(q.dtype)
-    qg = _grouped(q, Hk).to(acc_dtype)  # (B, Hk, G, N, D)
-    kg = k[:, :, None].to(acc_dtype)  # (B, Hk, 1, M, D)
-    vg = v[:, :, None].to(acc_dtype)  # (B, Hk, 1, M, Dv)
+    qf = _fold_group(q, Hk).to(acc_dtype)  # (B, Hk, G*N, D)
+    kf, vf = k.to(acc_dtype), v.to(acc_dtype)
 
-    row_max = torch.full(qg.shape[:-1], -math.inf, dtype=acc_dtype, device=q.device)
+    row_max = torch.full(qf.shape[:-1], -math.inf, dtype=acc_dtype, device=q.device)  # (B, Hk, G*N)
     row_sum = torch.zeros_like(row_max)
-    acc = torch.zeros(*qg.shape[:-1], Dv, dtype=acc_dtype, device=q.device)
+    acc = torch.zeros(*qf.shape[:-1], Dv, dtype=acc_dtype, device=q.device)
     for start, stop in _chunks(M, block_k or None):
-        s, _ = _scores(qg, kg[..., start:stop, :], scale, softcap)
-        keep = _chunk_mask(start, stop, N, M, window, block_mask, block_q, block_k, Hk)
+        s, _ = _scores(qf, kf[:, :, start:stop], scale, softcap)
+        keep = _chunk_mask(start, stop, N, M, window, block_mask, block_q, block_k, Hk, Hq // Hk, q.device)
         s = s.masked_fill(~keep, -math.inf)
         new_max = torch.maximum(row_max, s.amax(dim=-1))
         safe_max = new_max.masked_fill(new_max == -math.inf, 0.0)  # rows with nothing visible yet
         p = torch.exp(s - safe_max[..., None])
         alpha = torch.exp(row_max - safe_max)
         row_sum = row_sum * alpha + p.sum(dim=-1)
-        acc = acc * alpha[..., None] + torch.matmul(p, vg[..., start:stop, :])
+        acc = acc * alpha[..., None] + torch.matmul(p, vf[:, :, start:stop])
         row_max = new_max
 
     empty = row_sum == 0
     o = acc / row_sum.masked_fill(empty, 1.0)[..., None]
-    lse = (row_max + torch.log(row_sum)).masked_fill(empty, -math.inf)
+    lse = (row_max + torch.log(row_sum.masked_fill(empty, 1.0))).masked_fill(empty, -math.inf)
     return o.reshape(B, Hq, N, Dv).to(q.dtype), lse.reshape(B, Hq, N).float()
 
 
@@ -108,29 +111,27 @@ def flash_bwd(do, q, k, v, o, lse, *, scale: float, window=(-1, -1), softcap: fl
     B, Hq, N, D = q.shape
     Hk, M = k.shape[1], k.shape[2]
     acc_dtype = _accum_dtype(q.dtype)
-    qg = _grouped(q, Hk).to(acc_dtype)  # (B, Hk, G, N, D)
-    dog = _grouped(do, Hk).to(acc_dtype)  # (B, Hk, G, N, Dv)
-    delta = (dog * _grouped(o, Hk).to(acc_dtype)).sum(dim=-1)  # (B, Hk, G, N)
+    qf = _fold_group(q, Hk).to(acc_dtype)  # (B, Hk, G*N, D)
+    dof = _fold_group(do, Hk).to(acc_dtype)  # (B, Hk, G*N, Dv)
+    delta = (dof * _fold_group(o, Hk).to(acc_dtype)).sum(dim=-1)  # (B, Hk, G*N)
     if dlse is not None:
-        delta = delta - _grouped(dlse[..., None], Hk)[..., 0].to(acc_dtype)
-    lse_g = _grouped(lse[..., None], Hk)[..., 0].to(acc_dtype)
-    lse_g = lse_g.masked_fill(lse_g == -math.inf, math.inf)  # rows that saw nothing: p = 0
-    kg = k[:, :, None].to(acc_dtype)
-    vg = v[:, :, None].to(acc_dtype)
+        delta = delta - _fold_group(dlse, Hk).to(acc_dtype)
+    lse_f = _fold_group(lse, Hk).to(acc_dtype)
+    lse_f = lse_f.masked_fill(lse_f == -math.inf, math.inf)  # rows that saw nothing: p = 0
+    kf, vf = k.to(acc_dtype), v.to(acc_dtype)
 
-    dq = torch.zeros_like(qg)
-    dk = torch.zeros(B, Hk, M, D, dtype=acc_dtype, device=q.device)
-    dv = torch.zeros(B, Hk, M, v.shape[-1], dtype=acc_dtype, device=q.device)
+    dq = torch.zeros_like(qf)
+    dk = torch.empty(B, Hk, M, D, dtype=acc_dtype, device=q.device)
+    dv = torch.empty(B, Hk, M, v.shape[-1], dtype=acc_dtype, device=q.device)
     for start, stop in _chunks(M, block_k or None):
-        kc, vc = kg[..., start:stop, :], vg[..., start:stop, :]
-        s, tanh_s = _scores(qg, kc, scale, softcap)
-        keep = _chunk_mask(start, stop, N, M, window, block_mask, block_q, block_k, Hk)
-        p = torch.exp((s - lse_g[..., None]).masked_fill(~keep, -math.inf))  # (B, Hk, G, N, chunk)
-        dv[:, :, start:stop] = torch.matmul(p.transpose(-1, -2), dog).sum(dim=2)
-        dp = torch.matmul(dog, vc.transpose(-1, -2))
-        ds = p * (dp - delta[..., None])
+        kc, vc = kf[:, :, start:stop], vf[:, :, start:stop]
+        s, tanh_s = _scores(qf, kc, scale, softcap)
+        keep = _chunk_mask(start, stop, N, M, window, block_mask, block_q, block_k, Hk, Hq // Hk, q.device)
+        p = torch.exp((s - lse_f[..., None]).masked_fill(~keep, -math.inf))  # (B, Hk, G*N, chunk)
+        dv[:, :, start:stop] = torch.matmul(p.transpose(-1, -2), dof)
+        ds = p * (torch.matmul(dof, vc.transpose(-1, -2)) - delta[..., None])
         if tanh_s is not None:
             ds = ds * (1 - tanh_s * tanh_s)
         dq += torch.matmul(ds, kc) * scale
-        dk[:, :, start:stop] = torch.matmul(ds.transpose(-1, -2), qg).sum(dim=2) * scale
+        dk[:, :, start:stop] = torch.matmul(ds.transpose(-1, -2), qf) * scale
     return dq.reshape(B, Hq, N, D).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

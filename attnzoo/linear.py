@@ -1,0 +1,165 @@
+"""The shared entry of the linear-attention family (gla, based, lawcat, wersa).
+
+A method turns q and k into features (identity, Taylor, conv + ELU, wavelets + random features) and
+calls `linear_attention`, which runs the chunked kernel of the chosen backend through one
+autograd.Function:
+
+    causal:      S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t,    o_t = scale * q_t S_t
+    non-causal:  o_t = scale * q_t S_N                         (no gate)
+    normalised:  o_t is divided by scale * q_t . z_t + eps, with z the same recurrence on k_t alone.
+
+The normaliser z is carried as one more value column of the state: the kernel runs on [v, 1], so
+S[..., :V] is the state and S[..., V] is z. Its gradient is then exact by construction.
+
+Decoding: `step(q_t, k_t, v_t, state)` advances the same recurrence by one token in O(1), and
+`linear_state(name)` returns a method's step function.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import backend as _backend
+from .validation import check_tensor
+
+_STATE_DTYPE = torch.float32
+
+
+def _impl(backend: str):
+    if backend == "triton":
+        from .kernels import linear
+        return linear
+    if backend == "torch":
+        from .torch_impl import linear
+        return linear
+    raise ValueError(f"backend must be 'triton' or 'torch' for the chunked linear kernel, got {backend!r}")
+
+
+def default_chunk_size(gated: bool, backend: str) -> int:
+    """Tokens per chunk: small under the interpreter (tests cross many chunks) and for gated Triton
+    tiles (the per-channel decay tile is C x C x BK in registers); 64 otherwise."""
+    if backend == "triton" and _backend.triton_interpreting():
+        from .kernels._config import interpret_tile
+        return interpret_tile()
+    return 16 if gated and backend == "triton" else 64
+
+
+def check_chunk_size(chunk_size) -> int:
+    is_int = isinstance(chunk_size, int) and not isinstance(chunk_size, bool)
+    if not is_int or chunk_size < 16 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size must be a power of two >= 16 (or None for the default), got {chunk_size!r}")
+    return chunk_size
+
+
+def _gate_grad(q, k, dq, dk, final_state, dfinal):
+    """dg from dq, dk: everything depends on the cumulative gate G through q_t exp(G_t), k_s exp(-G_s)
+    and exp(G_N) on the final state, so dL/dG_t = q_t dq_t - k_t dk_t (+ sum_v S_N dS_N at t = N - 1),
+    and dg_t = sum_{r >= t} dL/dG_r."""
+    dcum = q.to(dq.dtype) * dq - k.to(dk.dtype) * dk
+    dcum[:, :, -1] += (final_state * dfinal).sum(-1)
+    return dcum.flip(2).cumsum(2).flip(2)
+
+
+class _ChunkedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, initial_state, scale, causal, chunk_size, backend):
+        impl = _impl(backend)
+        out, chunk_states, final = impl.chunk_linear_fwd(q, k, v, g, initial_state, scale=scale, causal=causal,
+                                                         chunk_size=chunk_size)
+        ctx.save_for_backward(q, k, v, g, chunk_states, final)
+        ctx.config = dict(scale=scale, causal=causal, chunk_size=chunk_size)
+        ctx.impl = impl
+        return out, final
+
+    @staticmethod
+    def backward(ctx, dout, dfinal):
+        q, k, v, g, chunk_states, final = ctx.saved_tensors
+        dq, dk, dv, dh0 = ctx.impl.chunk_linear_bwd(q, k, v, g, chunk_states, final, dout, dfinal, **ctx.config)
+        dg = _gate_grad(q, k, dq, dk, final, dfinal).to(g.dtype) if ctx.needs_input_grad[3] else None
+        dh0 = dh0 if ctx.needs_input_grad[4] else None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, dh0, None, None, None, None
+
+
+def _with_ones_column(v: torch.Tensor) -> torch.Tensor:
+    return torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+
+
+def _pack_state(state, normalize: bool, shape: tuple, like: torch.Tensor):
+    """User state -> kernel state (B, H, F, V[+1]) fp32. Normalised methods take (S, z)."""
+    if state is None:
+        return None
+    B, H, F, V = shape
+    if normalize:
+        if not (isinstance(state, (tuple, list)) and len(state) == 2):
+            raise TypeError(f"initial_state of a normalised method must be a pair (S (B, H, F, V), z (B, H, F)), "
+                            f"got {type(state).__name__}")
+        S, z = state
+        check_tensor("initial_state[0]", S, shape=(B, H, F, V), like=like, dtype=_STATE_DTYPE)
+        check_tensor("initial_state[1]", z, shape=(B, H, F), like=like, dtype=_STATE_DTYPE)
+        return torch.cat([S, z[..., None]], dim=-1)
+    check_tensor("initial_state", state, shape=(B, H, F, V), like=like, dtype=_STATE_DTYPE)
+    return state
+
+
+def _unpack_state(state: torch.Tensor, normalize: bool):
+    return (state[..., :-1], state[..., -1]) if normalize else state
+
+
+def _normalized(out: torch.Tensor, eps: float) -> torch.Tensor:
+    return out[..., :-1] / (out[..., -1:] + eps)
+
+
+def linear_attention(q, k, v, *, scale: float, causal: bool, backend: str, g=None, normalize: bool = False,
+                     eps: float = 1e-6, initial_state=None, output_final_state: bool = False,
+                     chunk_size: int | None = None):
+    """Chunked linear attention on features q, k (B, H, N, F) and values v (B, H, N, V).
+
+    g (B, H, N, F) log forget gates (causal only); initial_state (B, H, F, V) fp32, or (S, z) when
+    `normalize`. Returns out (B, H, N, V) in v's dtype, and with `output_final_state` also the final
+    state (same form as initial_state). backend is "triton" or "torch".
+    """
+    if not causal and g is not None:
+        raise ValueError("g (a forget gate) needs causal=True: a non-causal sum has no order to decay along")
+    gated = g is not None
+    chunk_size = default_chunk_size(gated, backend) if chunk_size is None else check_chunk_size(chunk_size)
+    state_shape = (*k.shape[:2], k.shape[-1], v.shape[-1])
+    h0 = _pack_state(initial_state, normalize, state_shape, q)
+    values = _with_ones_column(v) if normalize else v
+    out, final = _ChunkedLinear.apply(q, k, values, g, h0, scale, causal, chunk_size, backend)
+    out = (_normalized(out, eps) if normalize else out).to(v.dtype)
+    return (out, _unpack_state(final, normalize)) if output_final_state else out
+
+
+def step(q_t, k_t, v_t, state, *, scale: float, g_t=None, normalize: bool = False, eps: float = 1e-6):
+    """One decoding step of the causal recurrence, O(1) in the sequence length.
+
+    q_t, k_t (B, H, 1, F); v_t (B, H, 1, V); g_t (B, H, 1, F) or None; state as in
+    `linear_attention` (None = zeros). Returns (o_t (B, H, 1, V) in v's dtype, new state fp32).
+    """
+    B, H, _, F = k_t.shape
+    V = v_t.shape[-1]
+    for name, t, width in (("q_t", q_t, F), ("k_t", k_t, F), ("v_t", v_t, V)):
+        check_tensor(name, t, shape=(B, H, 1, width), like=k_t)
+    packed = _pack_state(state, normalize, (B, H, F, V), k_t)
+    if packed is None:
+        packed = torch.zeros(B, H, F, V + normalize, dtype=_STATE_DTYPE, device=k_t.device)
+    values = (_with_ones_column(v_t) if normalize else v_t).float()
+    if g_t is not None:
+        check_tensor("g_t", g_t, shape=(B, H, 1, F), like=k_t)
+        packed = g_t.float().exp().transpose(-1, -2) * packed
+    packed = packed + k_t.float().transpose(-1, -2) @ values
+    out = scale * q_t.float() @ packed
+    out = (_normalized(out, eps) if normalize else out).to(v_t.dtype)
+    return out, _unpack_state(packed, normalize)
+
+
+def linear_state(name: str):
+    """The decoding step function of linear method `name`: `step(q_t, k_t, v_t, state, **kwargs) ->
+    (o_t, state)`, with q_t (B, H, 1, D). Start from state=None; the state is fp32."""
+    from .registry import REGISTRY
+
+    info = REGISTRY.info(name)
+    module = info.load_module()
+    if info.family != "linear" or not hasattr(module, "step"):
+        raise ValueError(f"method {name!r} has no recurrent decoding step (only causal linear methods do)")
+    return module.step

@@ -1,0 +1,98 @@
+"""GLA: Gated Linear Attention (Yang, Wang, Shen, Panda, Kim; arXiv 2312.06635, ICML 2024).
+
+Per head, with log forget gates g_t <= 0 (one per key channel):
+
+    S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t,        o_t = scale * q_t S_t
+
+Causal only. Runs on the chunked linear kernel (attnzoo/kernels/linear.py); on CUDA, backend="fla"
+runs fla's `chunk_gla` instead. `GLAGate` computes g from hidden states as the paper's layer does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import linear as _linear
+from ..reference import recurrent_linear_attention
+from ..validation import check_tensor
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_gla_inputs(q, causal: bool, g, k_len: int) -> None:
+    if not causal:
+        raise ValueError("gla is causal only: its gates decay the state along the sequence order, so a "
+                         "non-causal sum has nothing to decay; call it with causal=True")
+    if k_len != q.shape[2]:
+        raise ValueError(f"gla needs q and k of one length (a recurrence over one sequence), got q length "
+                         f"{q.shape[2]} and k length {k_len}")
+    if g is not None:
+        check_tensor("g", g, shape=tuple(q.shape), like=q, dtype=_FLOATS)
+        if bool((g > 0).any()):
+            raise ValueError(f"g holds log forget gates and must be <= 0; got max {g.max().item():.3g}")
+
+
+def gla(q, k, v, *, causal: bool, scale: float, backend: str, chunk_size=None, g=None, initial_state=None,
+        output_final_state: bool = False):
+    """q, k (B, H, N, D); v (B, H, N, Dv); g (B, H, N, D) log gates <= 0 (None = no decay);
+    initial_state (B, H, D, Dv) fp32. Returns o (B, H, N, Dv), and with `output_final_state` also the
+    final state (B, H, D, Dv) fp32."""
+    check_gla_inputs(q, causal, g, k.shape[2])
+    if backend == "fla":
+        return _fla_gla(q, k, v, g, scale, initial_state, output_final_state)
+    return _linear.linear_attention(q, k, v, g=g, scale=scale, causal=True, backend=backend,
+                                    initial_state=initial_state, output_final_state=output_final_state,
+                                    chunk_size=chunk_size)
+
+
+def _fla_gla(q, k, v, g, scale, initial_state, output_final_state):
+    """fla's chunk_gla (CUDA only) on attnzoo's (B, H, N, D) layout; fla takes (B, N, H, D)."""
+    from fla.ops.gla import chunk_gla
+
+    def to_fla(x):
+        return x.transpose(1, 2).contiguous()
+
+    gate = torch.zeros_like(q) if g is None else g
+    if initial_state is not None:
+        check_tensor("initial_state", initial_state, shape=(*q.shape[:2], q.shape[-1], v.shape[-1]), like=q,
+                     dtype=torch.float32)
+    out, final = chunk_gla(to_fla(q), to_fla(k), to_fla(v), to_fla(gate), scale=scale, initial_state=initial_state,
+                           output_final_state=output_final_state)
+    out = out.transpose(1, 2).to(q.dtype)
+    return (out, final) if output_final_state else out
+
+
+def step(q_t, k_t, v_t, state=None, *, g_t=None, scale: float | None = None):
+    """One decoding step: q_t, k_t (B, H, 1, D), v_t (B, H, 1, Dv), g_t (B, H, 1, D) | None, state
+    (B, H, D, Dv) fp32 | None. Returns (o_t (B, H, 1, Dv), state)."""
+    scale = q_t.shape[-1] ** -0.5 if scale is None else scale
+    return _linear.step(q_t, k_t, v_t, state, g_t=g_t, scale=scale)
+
+
+class GLAGate(torch.nn.Module):
+    """The paper's forget gate: g = logsigmoid(W2 W1 x + b) / normalizer, a rank-`low_rank` projection
+    of hidden states x (B, N, hidden_size) to g (B, num_heads, N, head_dim) <= 0. The normalizer
+    (temperature 16 in the paper) keeps gates near 0, i.e. slow forgetting."""
+
+    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, low_rank: int = 16, normalizer: float = 16.0):
+        super().__init__()
+        self.num_heads, self.head_dim, self.normalizer = num_heads, head_dim, normalizer
+        self.down = torch.nn.Linear(hidden_size, low_rank, bias=False)
+        self.up = torch.nn.Linear(low_rank, num_heads * head_dim, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.down.in_features:
+            raise ValueError(f"x must be (B, N, {self.down.in_features}), got shape {tuple(x.shape)}")
+        logits = self.up(self.down(x))
+        g = F.logsigmoid(logits) / self.normalizer
+        return g.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+
+
+def example_kwargs(q, k, v, *, causal):
+    return {"g": F.logsigmoid(torch.randn_like(q)) / 4}
+
+
+def reference(q, k, v, *, causal, scale, g=None, initial_state=None, output_final_state=False, **params):
+    out, state, _ = recurrent_linear_attention(q, k, v, g=g, scale=scale, causal=causal, initial_state=initial_state)
+    return (out, state) if output_final_state else out

@@ -1,0 +1,156 @@
+"""LAWCAT: linear attention with convolution across tokens (Liu et al.; arXiv 2509.18467, 2025).
+
+    q~ = causal_conv(q), k~ = causal_conv(k)          depthwise, r + 1 taps per (head, channel)
+    S_t = a_t S_{t-1} + phi(k~_t)^T v_t,   z_t = a_t z_{t-1} + phi(k~_t)
+    o_t = phi(q~_t) S_t / (phi(q~_t) . z_t + eps)
+
+a_t = exp(g_t), g per head (B, H, N) or per channel (B, H, N, D). Causal only.
+
+RECONSTRUCTION: the paper's code was not available. The causal depthwise conv on q and k and the
+"normalised gated linear attention" are what the abstract states; the exact formulas above, the gate
+computed from k in `LAWCATAdapter`, the ELU + 1 feature map and the identity initialisation are
+attnzoo's choices (see docs/methods/lawcat.md).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .. import linear as _linear
+from ..reference import causal_depthwise_conv as _reference_conv
+from ..reference import recurrent_linear_attention
+from ..validation import check_tensor
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FEATURE_MAPS = {"elu1": lambda x: F.elu(x) + 1.0, "relu": torch.relu}
+
+
+def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """x (B, H, N, D), weight (H, D, r + 1): y_t = sum_j weight[..., j] x_{t - r + j}, zeros before the
+    start, so weight[..., -1] multiplies the current token. None = identity."""
+    if weight is None:
+        return x
+    B, H, N, D = x.shape
+    taps = weight.shape[-1]
+    channels = x.permute(0, 1, 3, 2).reshape(B, H * D, N)
+    y = F.conv1d(F.pad(channels, (taps - 1, 0)), weight.reshape(H * D, 1, taps).to(x.dtype), groups=H * D)
+    return y.reshape(B, H, D, N).permute(0, 1, 3, 2)
+
+
+def _gate_per_channel(g: torch.Tensor | None, shape) -> torch.Tensor | None:
+    if g is None or g.dim() == 4:
+        return g
+    return g[..., None].expand(shape)
+
+
+def check_lawcat_args(q, k, causal, g, conv_q, conv_k, feature_map) -> None:
+    if not causal:
+        raise ValueError("lawcat is causal only: its causal conv and gated state run along the sequence order; "
+                         "call it with causal=True")
+    if k.shape[2] != q.shape[2]:
+        raise ValueError(f"lawcat needs q and k of one length, got q length {q.shape[2]} and k length {k.shape[2]}")
+    if feature_map not in FEATURE_MAPS:
+        raise ValueError(f"feature_map must be one of {sorted(FEATURE_MAPS)}, got {feature_map!r}")
+    B, H, N, D = q.shape
+    for name, weight in (("conv_q", conv_q), ("conv_k", conv_k)):
+        if weight is not None:
+            check_tensor(name, weight, shape=(H, D, None), like=q, dtype=_FLOATS)
+    if g is not None:
+        check_tensor("g", g, shape=(B, H, N) if g.dim() == 3 else (B, H, N, D), like=q, dtype=_FLOATS)
+        if bool((g > 0).any()):
+            raise ValueError(f"g holds log forget gates and must be <= 0; got max {g.max().item():.3g}")
+
+
+def lawcat(q, k, v, *, causal: bool, scale: float, backend: str, feature_map: str = "elu1", eps: float = 1e-6,
+           chunk_size=None, g=None, conv_q=None, conv_k=None):
+    """q, k (B, H, N, D), v (B, H, N, Dv); g (B, H, N) or (B, H, N, D) log gates <= 0 (None = no decay);
+    conv_q, conv_k (H, D, r + 1) depthwise causal kernels (None = identity). `scale` is unused: it
+    cancels in the normalised output."""
+    check_lawcat_args(q, k, causal, g, conv_q, conv_k, feature_map)
+    phi = FEATURE_MAPS[feature_map]
+    phi_q, phi_k = phi(causal_depthwise_conv(q, conv_q)), phi(causal_depthwise_conv(k, conv_k))
+    return _linear.linear_attention(phi_q, phi_k, v, g=_gate_per_channel(g, q.shape), scale=1.0, causal=True,
+                                    backend=backend, normalize=True, eps=eps, chunk_size=chunk_size)
+
+
+class LAWCATState(NamedTuple):
+    """Decoding state: the normalised linear-attention state (S, z) and the last r raw q / k tokens
+    that the causal convs still need."""
+
+    S: torch.Tensor            # (B, H, D, Dv) fp32
+    z: torch.Tensor            # (B, H, D) fp32
+    q_window: torch.Tensor     # (B, H, r_q, D)
+    k_window: torch.Tensor     # (B, H, r_k, D)
+
+
+def _conv_step(x_t, window, weight):
+    """Conv output at the newest token and the window of the last r raw tokens after it."""
+    if weight is None:
+        return x_t, window
+    taps = torch.cat([window, x_t], dim=2)                              # (B, H, r + 1, D)
+    y_t = (taps * weight.permute(0, 2, 1).to(x_t.dtype)).sum(2, keepdim=True)
+    return y_t, taps[:, :, 1:]
+
+
+def _empty_window(x_t, weight):
+    r = 0 if weight is None else weight.shape[-1] - 1
+    return x_t.new_zeros(*x_t.shape[:2], r, x_t.shape[-1])
+
+
+def step(q_t, k_t, v_t, state=None, *, g_t=None, conv_q=None, conv_k=None, feature_map: str = "elu1",
+         eps: float = 1e-6):
+    """One decoding step: q_t, k_t (B, H, 1, D), v_t (B, H, 1, Dv), g_t (B, H, 1) or (B, H, 1, D);
+    state a LAWCATState or None. Returns (o_t (B, H, 1, Dv), LAWCATState)."""
+    check_lawcat_args(q_t, k_t, True, g_t, conv_q, conv_k, feature_map)
+    if state is None:
+        state = LAWCATState(None, None, _empty_window(q_t, conv_q), _empty_window(k_t, conv_k))
+    q_conv, q_window = _conv_step(q_t, state.q_window, conv_q)
+    k_conv, k_window = _conv_step(k_t, state.k_window, conv_k)
+    phi = FEATURE_MAPS[feature_map]
+    linear_state = None if state.S is None else (state.S, state.z)
+    out, (S, z) = _linear.step(phi(q_conv), phi(k_conv), v_t, linear_state, scale=1.0,
+                               g_t=_gate_per_channel(g_t, q_t.shape), normalize=True, eps=eps)
+    return out, LAWCATState(S, z, q_window, k_window)
+
+
+class LAWCATAdapter(torch.nn.Module):
+    """The learned parts LAWCAT adds to an attention layer: depthwise causal conv kernels for q and k
+    (H, D, kernel_size), initialised to the identity (last tap 1), and a per-head forget gate computed
+    from k, g = logsigmoid(k . w_h + b_h) (B, H, N), initialised to w = 0, b = 3 (a = 0.95).
+    `adapter(q, k)` returns the keyword arguments of `lawcat`: conv_q, conv_k and g."""
+
+    def __init__(self, num_heads: int, head_dim: int, kernel_size: int = 4, gate_bias: float = 3.0):
+        super().__init__()
+        identity = torch.zeros(num_heads, head_dim, kernel_size)
+        identity[..., -1] = 1.0
+        self.conv_q = torch.nn.Parameter(identity.clone())
+        self.conv_k = torch.nn.Parameter(identity.clone())
+        self.gate_weight = torch.nn.Parameter(torch.zeros(num_heads, head_dim))
+        self.gate_bias = torch.nn.Parameter(torch.full((num_heads,), gate_bias))
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> dict:
+        H, D = self.gate_weight.shape
+        if k.dim() != 4 or k.shape[1] != H or k.shape[-1] != D:
+            raise ValueError(f"k must be (B, {H}, N, {D}), got shape {tuple(k.shape)}")
+        logits = torch.einsum("bhnd,hd->bhn", k, self.gate_weight.to(k.dtype)) + self.gate_bias[:, None].to(k.dtype)
+        return {"conv_q": self.conv_q, "conv_k": self.conv_k, "g": F.logsigmoid(logits)}
+
+
+def example_kwargs(q, k, v, *, causal):
+    H, D = q.shape[1], q.shape[-1]
+    adapter = LAWCATAdapter(H, D).to(q.device)
+    with torch.no_grad():
+        adapter.conv_q.add_(0.1 * torch.randn_like(adapter.conv_q))
+        adapter.conv_k.add_(0.1 * torch.randn_like(adapter.conv_k))
+        return {name: t.detach() for name, t in adapter(q, k).items()}
+
+
+def reference(q, k, v, *, causal, scale, feature_map="elu1", eps=1e-6, g=None, conv_q=None, conv_k=None, **params):
+    phi = FEATURE_MAPS[feature_map]
+    phi_q = phi(q if conv_q is None else _reference_conv(q, conv_q.to(q.dtype)))
+    phi_k = phi(k if conv_k is None else _reference_conv(k, conv_k.to(k.dtype)))
+    gate = None if g is None else (g if g.dim() == 4 else g[..., None].expand(q.shape)).to(q.dtype)
+    return recurrent_linear_attention(phi_q, phi_k, v, g=gate, causal=True, normalize=True, eps=eps)[0]
