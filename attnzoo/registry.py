@@ -31,6 +31,8 @@ class Supports:
     head_dims: tuple[int, int] = (16, 256)
     outputs: tuple[str, ...] = ()
     backends: tuple[str, ...] = ("torch",)
+    causal_note: str = ""  # why a non-causal-only method cannot be causal (shown in the error)
+    non_causal_note: str = ""  # why a causal-only method cannot be non-causal
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any] | None) -> "Supports":

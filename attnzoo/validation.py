@@ -66,10 +66,13 @@ def check_qkv(q, k, v, *, info: MethodInfo) -> None:
 def check_causal(causal, *, info: MethodInfo) -> None:
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if causal and not info.supports.causal:
-        raise ValueError(f"method {info.name!r} is non-causal only; call it with causal=False")
-    if not causal and not info.supports.non_causal:
-        raise ValueError(f"method {info.name!r} is causal only; call it with causal=True")
+    sup = info.supports
+    if causal and not sup.causal:
+        why = f": {sup.causal_note}" if sup.causal_note else ""
+        raise ValueError(f"method {info.name!r} is non-causal only; call it with causal=False{why}")
+    if not causal and not sup.non_causal:
+        why = f": {sup.non_causal_note}" if sup.non_causal_note else ""
+        raise ValueError(f"method {info.name!r} is causal only; call it with causal=True{why}")
 
 
 def resolve_scale(scale, head_dim: int) -> float:

@@ -150,12 +150,13 @@ def test_causal_only_method_defaults_to_causal_and_rejects_non_causal():
         seen["causal"] = causal
         return q
 
-    attnzoo.register("causal_only_test", record, family="linear", supports={"non_causal": False})
+    attnzoo.register("causal_only_test", record, family="linear",
+                     supports={"non_causal": False, "non_causal_note": "its state runs along the sequence"})
     try:
         q, k, v = _qkv()
         attnzoo.get("causal_only_test")(q, k, v)
         assert seen["causal"] is True
-        with pytest.raises(ValueError, match="causal only"):
+        with pytest.raises(ValueError, match="causal only; call it with causal=True: its state runs along"):
             attnzoo.get("causal_only_test")(q, k, v, causal=False)
     finally:
         attnzoo.registry.REGISTRY._entries().pop("causal_only_test")
