@@ -4,13 +4,15 @@
     out = attnzoo.get("dense")(q, k, v, causal=True)      # q (B, Hq, N, D), k/v (B, Hk, M, D)
 """
 
+from . import masks
 from .api import Method, attention, get
+from .block_mask import BlockMask
 from .linear import linear_state
 from .registry import MethodInfo, info, list_methods, register
 
 __version__ = "0.1.0"
 
-__all__ = ["Method", "MethodInfo", "attention", "get", "info", "linear_state", "list_methods", "patch", "patched", "register",
+__all__ = ["BlockMask", "Method", "MethodInfo", "attention", "get", "info", "linear_state", "list_methods", "masks", "patch", "patched", "register",
            "unpatch", "__version__"]
 
 _HF_EXPORTS = ("patch", "unpatch", "patched")

@@ -71,7 +71,7 @@ def block_geometry(n: int, m: int, block_q: int, block_k: int, *, causal: bool, 
     k_last = torch.clamp(k_last_full, max=m - 1)
     diag = m - n
     any_visible = torch.ones(n_qb, n_kb, dtype=torch.bool, device=device)
-    fully = k_last_full < m
+    fully = any_visible & (k_last_full < m)  # (nQB, nKB)
     if right >= 0:
         any_visible &= k_first - q_last - diag <= right
         fully &= k_last_full - q_first - diag <= right
@@ -90,11 +90,13 @@ class BlockMask:
 
     def __init__(self, mask: torch.Tensor, block_size=128):
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+            got = f"a {mask.dtype} tensor" if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise TypeError(f"block mask must be a bool tensor (True = compute the block), got {got}")
         if mask.dim() == 2:
             mask = mask[None, None]
-        if mask.dim() != 4:
-            raise ValueError(f"mask must have shape (B|1, H|1, nQB, nKB), got {tuple(mask.shape)}")
+        if mask.dim() != 4 or mask.shape[-1] < 1 or mask.shape[-2] < 1 or mask.shape[0] < 1 or mask.shape[1] < 1:
+            raise ValueError(f"block mask must have shape (B|1, H|1, nQB, nKB) with every dim >= 1 "
+                             f"(or (nQB, nKB)), got {tuple(mask.shape)}")
         self.mask = mask
         self.block_q, self.block_k = _as_pair(block_size)
         self._index_cache: dict[tuple, SparseIndex] = {}
@@ -115,8 +117,8 @@ class BlockMask:
         """The bool block mask (B|1, H|1, nQB, nKB)."""
         return self.mask
 
-    def check_fits(self, batch: int, heads: int, n: int, m: int) -> None:
-        """Raise ValueError unless this mask fits q (batch, heads, n, .) and k (., ., m, .)."""
+    def check_fits(self, batch: int, heads: int, n: int, m: int, device=None) -> None:
+        """Raise ValueError unless this mask fits q (batch, heads, n, .) and k (., ., m, .) on `device`."""
         Bm, Hm, n_qb, n_kb = self.mask.shape
         want = (-(-n // self.block_q), -(-m // self.block_k))
         if (n_qb, n_kb) != want:
@@ -125,6 +127,8 @@ class BlockMask:
                 f"N={n}, M={m} need {want[0]}x{want[1]}")
         if Bm not in (1, batch) or Hm not in (1, heads):
             raise ValueError(f"block_mask has shape {self.shape}; expected ({batch}|1, {heads}|1, {n_qb}, {n_kb})")
+        if device is not None and self.mask.device != torch.device(device):
+            raise ValueError(f"block_mask is on {self.mask.device}; q, k, v are on {device}")
 
     def sparse_index(self, n: int, m: int, *, causal: bool, window=(-1, -1)) -> SparseIndex:
         """Kernel form for this geometry (cached): full and partial lists, and their transposes."""
@@ -141,6 +145,46 @@ class BlockMask:
             )
         return self._index_cache[key]
 
+    def to_flex(self, n: int, m: int, *, causal: bool = False):
+        """This mask as a `torch.nn.attention.flex_attention.BlockMask` for q length n, k length m.
+
+        Full blocks go to Flex's full lists, the others to its partial lists. The mask_mod (which Flex
+        treats as the truth, e.g. when it runs unfused) reads this block table and applies the
+        bottom-right causal mask when `causal`; indices are clamped so Flex's padded positions stay
+        inside the table."""
+        from torch.nn.attention.flex_attention import BlockMask as FlexBlockMask
+
+        self.check_fits(self.mask.shape[0], self.mask.shape[1], n, m)
+        index = self.sparse_index(n, m, causal=causal)
+        table, diag = self.mask, m - n
+        per_batch, per_head = table.shape[0] > 1, table.shape[1] > 1
+        last_qb, last_kb = table.shape[2] - 1, table.shape[3] - 1
+
+        def visible(b, h, q_idx, kv_idx):
+            q_block = torch.clamp(q_idx // self.block_q, max=last_qb)
+            kv_block = torch.clamp(kv_idx // self.block_k, max=last_kb)
+            block = table[b * per_batch, h * per_head, q_block, kv_block]
+            keep = block & (kv_idx < m)
+            return keep & (kv_idx <= q_idx + diag) if causal else keep
+
+        return FlexBlockMask.from_kv_blocks(
+            index.kv_count_part, index.kv_index_part, index.kv_count_full, index.kv_index_full,
+            BLOCK_SIZE=self.block_size, mask_mod=visible, seq_lengths=(n, m))
+
+    @classmethod
+    def from_flex(cls, flex_mask) -> BlockMask:
+        """The blocks a Flex `BlockMask` visits (its full and partial lists together). Its mask_mod is not
+        carried over: pass the causal flag to the method, element masks inside partial blocks are lost."""
+        blocks = flex_mask.to_dense().to(torch.bool)  # (B, H, nQB, nKB) over Flex's padded lengths
+        n, m = flex_mask.seq_lengths
+        block_q, block_k = flex_mask.BLOCK_SIZE
+        return cls(blocks[..., : -(-n // block_q), : -(-m // block_k)].contiguous(), (block_q, block_k))
+
     def __repr__(self) -> str:
-        return (f"BlockMask(shape={self.shape}, block_size={self.block_size}, "
-                f"density={self.density():.3f})")
+        head = (f"BlockMask(shape={self.shape}, block_size={self.block_size}, "
+                f"density={self.density():.3f}")
+        n_qb, n_kb = self.mask.shape[-2:]
+        if n_qb > 16 or n_kb > 16:
+            return head + ")"
+        rows = ("".join("#" if kept else "." for kept in row) for row in self.mask[0, 0].tolist())
+        return head + ", mask[0, 0]=\n  " + "\n  ".join(rows) + "\n)"

@@ -1,0 +1,96 @@
+"""Block max-pooled softmax map in Triton: SeerAttention's distillation target, never materialising N x M.
+
+For every (batch, query head, query block, key block) the kernel returns the largest attention
+probability inside the block, max_{i in qblock, j in kblock} exp(scale q_i . k_j - lse_i), where lse
+is the row logsumexp that the flash forward already saved (attnzoo/kernels/flash.py): with each
+row's final statistic known, one more pass over the score tiles turns every score into its exact
+probability. It reuses the flash kernel's tile loads and visibility test (bottom-right aligned
+causal, ragged tails); causal calls skip key blocks past the diagonal and write 0 there.
+
+Grid (query blocks, B * Hq); each program walks the key blocks of its query block and, inside a
+(block x block) pair, the (BLOCK_M x BLOCK_N) tiles; the running maximum stays in a register.
+
+Shapes at the boundary: q (B, Hq, N, D), k (B, Hk, M, D), any strides; lse (B, Hq, N) fp32
+contiguous (-inf for rows that see no key); out (B, Hq, nQB, nKB) fp32 contiguous.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._config import dot_precision, interpret_tile, new_output, next_pow2, triton_interpreting
+from .flash import LOG2E, _load_rows, _visible
+
+
+@triton.jit
+def _tile_max_prob(q, lse2, K, stride_kn, stride_kd, start_n, offs_m, offs_d, D, M, diag, scale,
+                   CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """Largest probability of the (BLOCK_M, BLOCK_N) tile of keys [start_n, +BLOCK_N); 0 where masked."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k = _load_rows(K, offs_n, stride_kn, M, offs_d, stride_kd, D)  # (BLOCK_N, BLOCK_D)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (scale * LOG2E)  # (BLOCK_M, BLOCK_N), log2 units
+    keep = _visible(offs_m[:, None], offs_n[None, :], M, diag, 0, 0, False, CAUSAL)
+    p = tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)
+    return tl.max(tl.max(p, 1), 0)
+
+
+@triton.jit
+def _block_target_kernel(
+    Q, K, LSE, OUT,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    HQ, N, M, D, GROUP, N_KB, scale,
+    CAUSAL: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # q (B, HQ, N, D), k (B, HQ // GROUP, M, D), lse (B, HQ, N) -> out (B, HQ, cdiv(N, BLOCK), N_KB)
+    pid_qb = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HQ
+    h = pid_bh % HQ
+    kvh = h // GROUP
+    Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    K += b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
+    LSE += pid_bh.to(tl.int64) * N
+    OUT += (pid_bh.to(tl.int64) * tl.cdiv(N, BLOCK) + pid_qb) * N_KB
+    offs_d = tl.arange(0, BLOCK_D)
+    diag = M - N
+    q_first = pid_qb * BLOCK
+
+    kb_end = N_KB
+    if CAUSAL:  # key blocks holding a key visible to the block's last query
+        last_key = tl.minimum(tl.minimum(q_first + BLOCK, N) - 1 + diag, M - 1)
+        kb_end = (tl.maximum(last_key + 1, 0) + BLOCK - 1) // BLOCK
+    for kb in range(0, kb_end):
+        block_max = 0.0
+        for t in tl.static_range(BLOCK // BLOCK_M):
+            offs_m = q_first + t * BLOCK_M + tl.arange(0, BLOCK_M)
+            q = _load_rows(Q, offs_m, stride_qn, N, offs_d, stride_qd, D)  # (BLOCK_M, BLOCK_D)
+            lse = tl.load(LSE + offs_m, mask=offs_m < N, other=float("inf"))
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)  # rows that see nothing: p = 0
+            for u in tl.static_range(BLOCK // BLOCK_N):
+                block_max = tl.maximum(block_max, _tile_max_prob(
+                    q, lse2, K, stride_kn, stride_kd, kb * BLOCK + u * BLOCK_N, offs_m, offs_d, D, M, diag,
+                    scale, CAUSAL, BLOCK_N, PRECISION))
+        tl.store(OUT + kb, block_max)
+    for kb in range(kb_end, N_KB):
+        tl.store(OUT + kb, 0.0)
+
+
+def block_max_probs(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, scale: float, causal: bool,
+                    block_size: int) -> torch.Tensor:
+    """(B, Hq, nQB, nKB) fp32: the largest softmax probability of every (block x block) pair, from the
+    saved lse (B, Hq, N) of softmax(scale q k^T) (causal bottom-right aligned)."""
+    B, Hq, N, D = q.shape
+    Hk, M = k.shape[1], k.shape[2]
+    n_qb, n_kb = triton.cdiv(N, block_size), triton.cdiv(M, block_size)
+    out = new_output((B, Hq, n_qb, n_kb), torch.float32, q.device)
+    tile = interpret_tile() if triton_interpreting() else 64
+    tile = min(tile, block_size)
+    _block_target_kernel[(n_qb, B * Hq)](
+        q, k, lse.contiguous(), out, *q.stride(), *k.stride(), Hq, N, M, D, Hq // Hk, n_kb, scale,
+        CAUSAL=causal, BLOCK=block_size, BLOCK_M=tile, BLOCK_N=tile, BLOCK_D=next_pow2(D),
+        PRECISION=dot_precision(q.dtype))
+    return out

@@ -1,0 +1,282 @@
+"""seerattention - learned block gate (Gao et al., SeerAttention, arXiv 2410.13276).
+
+1. Score every (query block, key block) pair: an `AttnGate` (block-pooled q and k through small
+   per-head linear maps, RoPE at block positions, block-causal softmax), a tensor of scores, or
+   without a gate the oracle: the block max-pooled attention map (`block_attention_target`).
+2. Select: blocks scoring at least `threshold`, or the top ceil(topk_ratio * admissible) of each row;
+   the diagonal blocks and the last `last_blocks_dense` query-block rows are always kept.
+3. Run the block-sparse flash kernel on the chosen blocks (gradients to q, k, v).
+
+Training (self-distillation, base model frozen): `block_attention_target(q, k, block_size, causal)`
+is the row-normalised block max-pooled softmax map, and `gate_loss(gate.logits(q, k), target)` the
+KL divergence the gate minimises. Blocks are per query head; `block_size` is the query and key block.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .. import backend as _backend
+from ..block_mask import BlockMask, block_geometry
+from ..flash import flash_attention
+from ..validation import check_tensor
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The method
+# ---------------------------------------------------------------------------------------------------
+
+
+def seerattention(q, k, v, *, causal: bool, scale: float, backend: str, gate=None, threshold=None, topk_ratio=None,
+                  block_size: int = 64, last_blocks_dense: int = 2, return_block_mask: bool = False):
+    """Block-sparse attention over the blocks a gate (or the oracle map) chooses.
+
+    q (B, Hq, N, D), k (B, Hk, M, D), v (B, Hk, M, Dv) -> out (B, Hq, N, Dv), and the `BlockMask`
+    (B, Hq, nQB, nKB) with `return_block_mask`. `gate`: None (oracle scores), an `AttnGate` (or any
+    callable gate(q, k, causal=...)), or scores (B|1, Hq|1, nQB, nKB)."""
+    _check_selection(threshold, topk_ratio, block_size, last_blocks_dense)
+    N, M = q.shape[2], k.shape[2]
+    scores = block_scores(q, k, gate, block_size=block_size, causal=causal, scale=scale, backend=backend)
+    keep = select_blocks(scores, N, M, block_size=block_size, causal=causal, threshold=threshold,
+                         topk_ratio=topk_ratio, last_blocks_dense=last_blocks_dense)
+    block_mask = BlockMask(keep, block_size)
+    out, _ = flash_attention(q, k, v, scale=scale, causal=causal, block_mask=block_mask, backend=backend)
+    return (out, block_mask) if return_block_mask else out
+
+
+def block_scores(q, k, gate, *, block_size: int, causal: bool, scale: float, backend: str) -> torch.Tensor:
+    """Scores (B|1, Hq|1, nQB, nKB) that rank the blocks: the gate's probabilities or the oracle map."""
+    B, Hq, N, _ = q.shape
+    M = k.shape[2]
+    shape = ((1, B), (1, Hq), -(-N // block_size), -(-M // block_size))
+    with torch.no_grad():
+        if gate is None:
+            return block_attention_target(q, k, block_size, causal, scale=scale, backend=backend)
+        if isinstance(gate, torch.Tensor):
+            check_tensor("gate", gate, shape=shape, like=q, dtype=_FLOATS)
+            return gate
+        if not callable(gate):
+            raise TypeError(f"gate must be None, an AttnGate (a callable gate(q, k, causal=...)) or a tensor of "
+                            f"block scores, got {type(gate).__name__}")
+        gate_block = getattr(gate, "block_size", block_size)
+        if gate_block != block_size:
+            raise ValueError(f"gate has block_size={gate_block} but the call uses block_size={block_size}; "
+                             f"they must match")
+        scores = gate(q, k, causal=causal)
+        check_tensor("gate(q, k)", scores, shape=shape, like=q, dtype=_FLOATS)
+        return scores
+
+
+def select_blocks(scores: torch.Tensor, n: int, m: int, *, block_size: int, causal: bool, threshold=None,
+                  topk_ratio=None, last_blocks_dense: int = 2) -> torch.Tensor:
+    """Bool (B|1, H|1, nQB, nKB): blocks scoring >= `threshold` or in each row's top
+    ceil(topk_ratio * admissible), plus the diagonal blocks and the last `last_blocks_dense` rows,
+    restricted to the admissible blocks (those holding a visible key)."""
+    admissible, _ = block_geometry(n, m, block_size, block_size, causal=causal, device=scores.device)
+    if threshold is not None:
+        keep = scores >= threshold
+    else:
+        keep = _top_blocks(scores, admissible, topk_ratio)
+    keep = keep | diagonal_blocks(n, m, block_size, causal=causal, device=scores.device)
+    if last_blocks_dense > 0:
+        keep[..., -last_blocks_dense:, :] = True
+    return keep & admissible
+
+
+def _top_blocks(scores: torch.Tensor, admissible: torch.Tensor, topk_ratio: float) -> torch.Tensor:
+    """Each row's ceil(topk_ratio * admissible count) highest-scoring admissible blocks (ties: lower index)."""
+    count = admissible.sum(dim=-1, dtype=torch.float64)  # (nQB,)
+    # ratio * count may land a rounding error above an integer (0.3 * 10); do not let that add a block
+    wanted = torch.ceil(topk_ratio * count - 1e-9).clamp(min=1).minimum(count)
+    ranked = scores.float().masked_fill(~admissible, -math.inf)
+    order = torch.argsort(ranked, dim=-1, descending=True, stable=True)
+    position = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device)
+                                                .expand_as(order))  # rank of every block in its row
+    return position < wanted[:, None]
+
+
+def diagonal_blocks(n: int, m: int, block_size: int, *, causal: bool, device=None) -> torch.Tensor:
+    """Bool (nQB, nKB): the key blocks holding each query's diagonal key i + (M - N) (bottom-right
+    aligned; clamped into [0, M) when not causal), so every query that can see a key sees one."""
+    rows = torch.arange(n, device=device)
+    diag = rows + (m - n)
+    if causal:
+        rows, diag = rows[diag >= 0], diag[diag >= 0]
+    diag = diag.clamp(0, m - 1)
+    blocks = torch.zeros(-(-n // block_size), -(-m // block_size), dtype=torch.bool, device=device)
+    blocks[rows // block_size, diag // block_size] = True
+    return blocks
+
+
+def _check_selection(threshold, topk_ratio, block_size, last_blocks_dense) -> None:
+    if (threshold is None) == (topk_ratio is None):
+        raise ValueError(f"seerattention selects blocks by exactly one of threshold (keep gate probability >= "
+                         f"threshold) or topk_ratio (keep that share of each row); got threshold={threshold!r}, "
+                         f"topk_ratio={topk_ratio!r}")
+    if threshold is not None and not _is_real_in(threshold, 0.0, 1.0, low_open=False):
+        raise ValueError(f"threshold must be a float in [0, 1] (a gate probability), got {threshold!r}")
+    if topk_ratio is not None and not _is_real_in(topk_ratio, 0.0, 1.0, low_open=True):
+        raise ValueError(f"topk_ratio must be a float in (0, 1], got {topk_ratio!r}")
+    _check_block_size(block_size)
+    if isinstance(last_blocks_dense, bool) or not isinstance(last_blocks_dense, int) or last_blocks_dense < 0:
+        raise ValueError(f"last_blocks_dense must be an int >= 0, got {last_blocks_dense!r}")
+
+
+def _check_block_size(block_size) -> None:
+    is_int = isinstance(block_size, int) and not isinstance(block_size, bool)
+    if not is_int or block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two >= 16, got {block_size!r}")
+
+
+def _is_real_in(x, low: float, high: float, *, low_open: bool) -> bool:
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+        return False
+    return (low < x if low_open else low <= x) and x <= high
+
+
+# ---------------------------------------------------------------------------------------------------
+# Distillation target and loss
+# ---------------------------------------------------------------------------------------------------
+
+
+def block_attention_target(q: torch.Tensor, k: torch.Tensor, block_size: int, causal: bool, *, scale=None, lse=None,
+                           backend: str = "auto") -> torch.Tensor:
+    """The gate's training target (B, Hq, nQB, nKB) fp32: the softmax(scale q k^T) map max-pooled over
+    (block x block) tiles, each row normalised to sum 1 (rows that see no key: 0). No gradient.
+
+    Two passes, never N x M: the flash forward for each row's logsumexp (pass `lse` (B, Hq, N) when
+    the caller already has it), then a pass that turns every score tile into probabilities and pools.
+    q (B, Hq, N, D), k (B, Hk, M, D); scale defaults to D ** -0.5; causal is bottom-right aligned."""
+    _check_block_size(block_size)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    backend = _backend.resolve(backend, q.device, ("triton", "torch"), "block_attention_target")
+    if lse is not None:
+        check_tensor("lse", lse, shape=tuple(q.shape[:3]), like=q, dtype=torch.float32)
+    with torch.no_grad():
+        if lse is None:
+            values = k[..., :1]  # the forward needs some v; a 1-wide view of k costs next to nothing
+            _, lse = flash_attention(q, k, values, scale=scale, causal=causal, backend=backend)
+        if backend == "triton":
+            from ..kernels import block_target as impl
+        else:
+            from ..torch_impl import block_target as impl
+        pooled = impl.block_max_probs(q, k, lse, scale=scale, causal=causal, block_size=block_size)
+        return pooled / pooled.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def gate_loss(gate_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """KL(target || softmax(gate_logits)) summed over key blocks, averaged over the rows that have a
+    target (rows with none, e.g. causal queries before the first key, are skipped). gate_logits may
+    hold -inf at inadmissible blocks, where the target is 0. Both (..., nQB, nKB)."""
+    live = target.sum(dim=-1, keepdim=True) > 0
+    logits = gate_logits if gate_logits.dtype == torch.float64 else gate_logits.float()
+    log_probs = torch.log_softmax(logits.masked_fill(~live, 0.0), dim=-1)
+    kl = torch.xlogy(target, target) - target * log_probs.masked_fill(target == 0, 0.0)
+    return kl.sum() / live.sum().clamp_min(1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The gate
+# ---------------------------------------------------------------------------------------------------
+
+
+class AttnGate(torch.nn.Module):
+    """SeerAttention's prefill gate: block probabilities (B, Hq, nQB, nKB) from (pre-RoPE) q and k.
+
+    q is average-pooled per block and k max-, min- and average-pooled (a ragged last block pools its
+    valid tokens); per-head linear maps without bias take them to `hidden` dims; RoPE (rotate-half,
+    base `rope_base`) is applied at each block's first token position (queries bottom-right aligned:
+    query i sits at position i + M - N); kv heads are repeated over their query group; logits
+    qg kg^T / sqrt(hidden) with inadmissible (future) blocks at -inf; softmax over key blocks, so
+    future blocks get exactly 0 and rows sum to 1 (rows with no admissible block are all 0).
+    """
+
+    def __init__(self, head_dim: int, num_heads: int, num_kv_heads: int, hidden: int = 128, block_size: int = 64,
+                 rope_base: float = 10000.0):
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        if hidden % 2:
+            raise ValueError(f"hidden must be even (RoPE rotates pairs), got {hidden}")
+        _check_block_size(block_size)
+        self.head_dim, self.num_heads, self.num_kv_heads = head_dim, num_heads, num_kv_heads
+        self.hidden, self.block_size, self.rope_base = hidden, block_size, rope_base
+        self.q_proj = torch.nn.Parameter(torch.empty(num_heads, head_dim, hidden))
+        self.k_proj = torch.nn.Parameter(torch.empty(num_kv_heads, 3 * head_dim, hidden))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        torch.nn.init.normal_(self.q_proj, std=self.head_dim ** -0.5)
+        torch.nn.init.normal_(self.k_proj, std=(3 * self.head_dim) ** -0.5)
+
+    def logits(self, q: torch.Tensor, k: torch.Tensor, *, causal: bool = True) -> torch.Tensor:
+        """Gate logits (B, Hq, nQB, nKB), -inf at blocks holding no visible key (feed to `gate_loss`)."""
+        self._check_inputs(q, k)
+        N, M = q.shape[2], k.shape[2]
+        dtype = self.q_proj.dtype
+        pooled_q = pool_blocks(q.to(dtype), self.block_size, ("avg",))  # (B, Hq, nQB, D)
+        pooled_k = pool_blocks(k.to(dtype), self.block_size, ("max", "min", "avg"))  # (B, Hk, nKB, 3D)
+        gate_q = torch.einsum("bhnd,hde->bhne", pooled_q, self.q_proj)  # (B, Hq, nQB, hidden)
+        gate_k = torch.einsum("bhnd,hde->bhne", pooled_k, self.k_proj)  # (B, Hk, nKB, hidden)
+        block_starts_q = torch.arange(gate_q.shape[2], device=q.device) * self.block_size + (M - N)
+        block_starts_k = torch.arange(gate_k.shape[2], device=q.device) * self.block_size
+        gate_q = rotary(gate_q, block_starts_q, self.rope_base)
+        gate_k = rotary(gate_k, block_starts_k, self.rope_base).repeat_interleave(self.num_heads // self.num_kv_heads,
+                                                                                  dim=1)
+        logits = gate_q @ gate_k.transpose(-1, -2) / math.sqrt(self.hidden)  # (B, Hq, nQB, nKB)
+        admissible, _ = block_geometry(N, M, self.block_size, self.block_size, causal=causal, device=q.device)
+        return logits.masked_fill(~admissible, -math.inf)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, *, causal: bool = True) -> torch.Tensor:
+        """Block probabilities (B, Hq, nQB, nKB): rows sum to 1, future blocks exactly 0."""
+        logits = self.logits(q, k, causal=causal)
+        live = torch.isfinite(logits).any(dim=-1, keepdim=True)
+        return torch.softmax(logits.masked_fill(~live, 0.0), dim=-1) * live
+
+    def _check_inputs(self, q, k) -> None:
+        for name, t, heads in (("q", q, self.num_heads), ("k", k, self.num_kv_heads)):
+            if t.dim() != 4 or t.shape[1] != heads or t.shape[-1] != self.head_dim:
+                raise ValueError(f"AttnGate: {name} must have shape (B, {heads}, L, {self.head_dim}), "
+                                 f"got {tuple(t.shape)}")
+
+
+def pool_blocks(x: torch.Tensor, block_size: int, kinds: tuple[str, ...]) -> torch.Tensor:
+    """x (B, H, L, D) -> (B, H, ceil(L / block), D * len(kinds)): per block of `block_size` tokens the
+    "avg", "max" or "min" over its valid tokens, concatenated in the order of `kinds`."""
+    B, H, L, D = x.shape
+    n_blocks = -(-L // block_size)
+    valid = (torch.arange(n_blocks * block_size, device=x.device) < L).reshape(n_blocks, block_size, 1)
+    blocks = F.pad(x, (0, 0, 0, n_blocks * block_size - L)).reshape(B, H, n_blocks, block_size, D)
+    pools = {
+        "avg": lambda: blocks.sum(dim=3) / valid.sum(dim=1),
+        "max": lambda: blocks.masked_fill(~valid, -math.inf).amax(dim=3),
+        "min": lambda: blocks.masked_fill(~valid, math.inf).amin(dim=3),
+    }
+    return torch.cat([pools[kind]() for kind in kinds], dim=-1)
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
+    """Rotate-half RoPE of x (..., L, E) at integer `positions` (L,): pairs (x_i, x_{i + E/2}) turn by
+    positions * base^(-2i/E)."""
+    half = x.shape[-1] // 2
+    inv_freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float64) / half)
+    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]  # (L, E/2), float64: positions are large
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# attnzoo check hooks
+# ---------------------------------------------------------------------------------------------------
+
+
+def example_kwargs(q, k, v, *, causal: bool) -> dict:
+    """Oracle scores, half of each row's admissible blocks."""
+    return {"topk_ratio": 0.5}
+

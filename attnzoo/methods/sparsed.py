@@ -1,0 +1,150 @@
+"""sparsed - SparseD: sparse attention for diffusion language models (Wang et al., 2025).
+
+Algorithm (bidirectional attention, one layer, one denoising step):
+1. Schedule: with `step` / `total_steps`, t* = floor(total_steps * skip) + 1. Steps <= t* run dense
+   attention; step t* also computes the pattern from its own q, k and stores it in `cache` (a dict
+   the caller keeps per layer); later steps reuse the stored pattern. Without `step`, the pattern is
+   computed from the given q, k.
+2. Pattern, per (batch, query head, query block): block importance = the mean of the softmax
+   probabilities inside each (query block, key block) tile; keep the top
+   k = min(n, floor(n * select) + 1) of the n = nKB key blocks. With `gen_len`, the key blocks
+   from the first one starting inside the last `gen_len` keys (or the last block) form the
+   generation region, which keeps its own top min(n_gen, floor(n_gen * select) + 1) by
+   probabilities renormalised over that region only (isolated selection). The prompt region keeps
+   its top min(n_prompt, k) by the all-key importance. (The paper takes the top k over all blocks
+   and drops those in the generation region, which can leave a row no prompt block; ranking inside
+   the prompt region keeps at least one.)
+3. Attend: block-sparse FlashAttention over the pattern.
+Importance sums come from the antidiagonal estimator with stride 1, which is exactly the
+block-summed softmax; the mean differs from the sum by the constant tile area, so the ranking is
+the same.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..block_mask import BlockMask, _as_pair
+from ..flash import flash_attention
+from .xattention import block_scores
+
+CACHE_KEY = "sparsed_block_mask"
+
+
+def _check_fraction(name: str, value, *, upper: float | None) -> float:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
+    if not ok or (upper is not None and value > upper):
+        bound = f"in [0, {upper}]" if upper is not None else "finite and >= 0"
+        raise ValueError(f"{name} must be a float {bound}, got {value!r}")
+    return float(value)
+
+
+def _check_count(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def check_schedule(step, total_steps, cache) -> None:
+    """A `step` (None = no schedule) needs `total_steps` and a dict `cache` kept across steps."""
+    if step is None:
+        return
+    _check_count("step", step, 0)
+    if total_steps is None:
+        raise ValueError("sparsed: step was given without total_steps (the number of denoising steps)")
+    _check_count("total_steps", total_steps, 1)
+    if not isinstance(cache, dict):
+        raise TypeError(f"sparsed: with step, cache must be a dict kept per layer across steps, got "
+                        f"{type(cache).__name__}")
+
+
+def keep_count(n_blocks: int, select: float) -> int:
+    """How many key blocks a row keeps out of n_blocks: floor(n_blocks * select) + 1."""
+    return math.floor(n_blocks * select) + 1
+
+
+def top_blocks(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """scores (..., n) -> bool (..., n): the top min(n, count) per row."""
+    top = scores.topk(min(scores.shape[-1], count), dim=-1).indices
+    return torch.zeros_like(scores, dtype=torch.bool).scatter(-1, top, True)
+
+
+def generation_start_block(m: int, block_k: int, gen_len: int) -> int:
+    """First key block of the generation region: the one whose start lies within the last `gen_len`
+    keys, or the last block."""
+    n_kb = -(-m // block_k)
+    return min(-(-(m - gen_len) // block_k), n_kb - 1)
+
+
+def select_blocks(q, k, *, select: float, block_q: int, block_k: int, scale: float, gen_len, backend: str):
+    """SparseD's pattern: bool (B, Hq, nQB, nKB) for q (B, Hq, N, D), k (B, Hk, M, D), non-causal."""
+    scores = block_scores(q, k, stride=1, block_q=block_q, block_k=block_k, scale=scale, causal=False,
+                          backend=backend)
+    all_keys = keep_count(scores.shape[-1], select)
+    if gen_len is None:
+        return top_blocks(scores, all_keys)
+    first_gen = generation_start_block(k.shape[2], block_k, gen_len)
+    gen_scores = block_scores(q, k[:, :, first_gen * block_k:], stride=1, block_q=block_q, block_k=block_k,
+                              scale=scale, causal=False, backend=backend)
+    prompt = [top_blocks(scores[..., :first_gen], all_keys)] if first_gen > 0 else []
+    return torch.cat(prompt + [top_blocks(gen_scores, keep_count(gen_scores.shape[-1], select))], dim=-1)
+
+
+def sparsed(q, k, v, *, causal: bool, scale: float, backend: str, select: float = 0.3, block_size: int = 128,
+            skip: float = 0.2, step=None, total_steps=None, cache=None, gen_len=None,
+            return_block_mask: bool = False):
+    """SparseD: q (B, Hq, N, D), k (B, Hk, M, D), v (B, Hk, M, Dv) -> out (B, Hq, N, Dv), or
+    (out, block_mask) with `return_block_mask` (all blocks on dense steps). Non-causal."""
+    if causal:
+        raise ValueError("sparsed is for bidirectional (diffusion) models; call it with causal=False")
+    select = _check_fraction("select", select, upper=1.0)
+    skip = _check_fraction("skip", skip, upper=None)
+    block_q, block_k = _as_pair(block_size)
+    n, m = q.shape[2], k.shape[2]
+    if gen_len is not None:
+        _check_count("gen_len", gen_len, 1)
+        if gen_len > m:
+            raise ValueError(f"gen_len must be <= the key length {m}, got {gen_len}")
+    check_schedule(step, total_steps, cache)
+
+    if step is None:
+        block_mask = _pattern(q, k, select, block_q, block_k, scale, gen_len, backend)
+    else:
+        block_mask = _scheduled_pattern(q, k, step, total_steps, skip, cache,
+                                        lambda: _pattern(q, k, select, block_q, block_k, scale, gen_len, backend))
+    out, _ = flash_attention(q, k, v, scale=scale, causal=False, block_mask=block_mask, backend=backend)
+    if return_block_mask:
+        return out, block_mask if block_mask is not None else _all_blocks(n, m, block_q, block_k, q.device)
+    return out
+
+
+def _pattern(q, k, select, block_q, block_k, scale, gen_len, backend) -> BlockMask:
+    return BlockMask(select_blocks(q, k, select=select, block_q=block_q, block_k=block_k, scale=scale,
+                                   gen_len=gen_len, backend=backend), (block_q, block_k))
+
+
+def _all_blocks(n: int, m: int, block_q: int, block_k: int, device) -> BlockMask:
+    return BlockMask(torch.ones(1, 1, -(-n // block_q), -(-m // block_k), dtype=torch.bool, device=device),
+                     (block_q, block_k))
+
+
+def _scheduled_pattern(q, k, step: int, total_steps: int, skip: float, cache: dict, make) -> BlockMask | None:
+    """The pattern for this step (None = dense): made and stored at step t*, reused after it."""
+    made_at = math.floor(total_steps * skip) + 1
+    if step == made_at:
+        cache[CACHE_KEY] = make()
+    if step <= made_at:
+        return None
+    if CACHE_KEY not in cache:
+        raise ValueError(f"sparsed: step {step} reuses the pattern made at step {made_at}, but cache holds "
+                         f"none; run step {made_at} with this cache first")
+    block_mask = cache[CACHE_KEY]
+    block_mask.check_fits(q.shape[0], q.shape[1], q.shape[2], k.shape[2], device=q.device)
+    return block_mask
+
+
+def example_kwargs(q, k, v, *, causal):
+    """Blocks small enough that `attnzoo check`'s inputs span several, with a generation region."""
+    return {"block_size": 32, "gen_len": k.shape[2] // 4}

@@ -1,0 +1,55 @@
+"""XAttention's strided antidiagonal block-importance estimator in PyTorch: the CPU twin of
+attnzoo/kernels/scoring.py, with the same signature and the same definition (see that module).
+
+The query axis is processed in chunks of query blocks, so memory holds one (chunk groups x M/S)
+estimate at a time, never N/S x M/S for long N.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_CHUNK_ELEMENTS = 1 << 22  # group-logit entries per query chunk and head
+
+
+def _grouped_rows(x: torch.Tensor, block: int, stride: int, *, reverse: bool) -> torch.Tensor:
+    """(B, H, L, D) -> (B, H, L_pad / stride, stride * D) fp32: rows zero-padded to a whole number of
+    blocks, each group of `stride` rows concatenated (in reverse order when `reverse`)."""
+    length = x.shape[2]
+    padded = torch.nn.functional.pad(x.float(), (0, 0, 0, -(-length // block) * block - length))
+    groups = padded.unflatten(2, (-1, stride))
+    return (groups.flip(3) if reverse else groups).flatten(3)
+
+
+def _admissible(q_groups: torch.Tensor, n_k_groups: int, stride: int, n: int, m: int, causal: bool,
+                device) -> torch.Tensor:
+    """(A, Bg) bool for the query groups `q_groups`: real groups, and (causal) first key visible to
+    the group's last query."""
+    k_first = torch.arange(n_k_groups, device=device)[None, :] * stride
+    q_first = q_groups[:, None] * stride
+    keep = (q_first < n) & (k_first < m)
+    if causal:
+        keep &= k_first <= torch.clamp(q_first + stride - 1, max=n - 1) + (m - n)
+    return keep
+
+
+def antidiagonal_block_scores(q: torch.Tensor, k: torch.Tensor, *, stride: int, block_q: int, block_k: int,
+                              scale: float, causal: bool) -> torch.Tensor:
+    """q (B, Hq, N, D), k (B, Hk, M, D) -> block scores (B, Hq, nQB, nKB) fp32 (see the Triton kernel)."""
+    Hq, N = q.shape[1], q.shape[2]
+    Hk, M = k.shape[1], k.shape[2]
+    n_qb, n_kb = -(-N // block_q), -(-M // block_k)
+    groups_q, groups_k = block_q // stride, block_k // stride
+    q_hat = _grouped_rows(q, block_q, stride, reverse=True).unflatten(1, (Hk, Hq // Hk))  # (B, Hk, G, A, S*D)
+    k_hat = _grouped_rows(k, block_k, stride, reverse=False)  # (B, Hk, Bg, S*D)
+    blocks_per_chunk = max(1, _CHUNK_ELEMENTS // (groups_q * k_hat.shape[2]))
+    scores = []
+    for first_block in range(0, n_qb, blocks_per_chunk):
+        stop_block = min(first_block + blocks_per_chunk, n_qb)
+        rows = torch.arange(first_block * groups_q, stop_block * groups_q, device=q.device)
+        est = torch.einsum("bkgas,bkcs->bkgac", q_hat[:, :, :, rows], k_hat) * (scale / stride)
+        keep = _admissible(rows, k_hat.shape[2], stride, N, M, causal, q.device)
+        probs = torch.softmax(est.masked_fill(~keep, float("-inf")), dim=-1)
+        probs = probs.masked_fill(~keep.any(-1, keepdim=True), 0.0)  # rows with no admissible key
+        scores.append(probs.unflatten(-1, (n_kb, groups_k)).sum(-1).unflatten(-2, (-1, groups_q)).sum(-2))
+    return torch.cat(scores, dim=-2).flatten(1, 2)  # (B, Hq, nQB, nKB)

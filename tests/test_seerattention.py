@@ -1,0 +1,328 @@
+"""seerattention: block selection from a gate (or the oracle map), the block-sparse kernel, the
+distillation target and loss, and the AttnGate module (METHODS.md, seerattention). Outputs are
+compared with the float64 reference restricted to the returned blocks; kernels run under the Triton
+interpreter (CPU)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import attnzoo
+from attnzoo.methods.seerattention import (
+    AttnGate, block_attention_target, diagonal_blocks, gate_loss, select_blocks,
+)
+from attnzoo.reference import attention, expand_block_mask, visible_mask
+
+BACKENDS = st.sampled_from(["triton", "torch"])
+SEEDS = st.integers(0, 2**31 - 1)
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setenv("ATTNZOO_POISON", "1")
+
+
+@st.composite
+def shapes(draw, max_len=48):
+    """(B, Hq, Hk, N, M, D, Dv) with at most 4 (batch, query head) pairs: the interpreter is slow."""
+    batch = draw(st.integers(1, 2))
+    kv_heads = draw(st.integers(1, 2))
+    group = draw(st.integers(1, 4 // (batch * kv_heads)))
+    return (batch, kv_heads * group, kv_heads, draw(st.integers(1, max_len)), draw(st.integers(1, max_len)),
+            draw(st.sampled_from([16, 32])), draw(st.sampled_from([16, 24])))
+
+
+def make_qkv(shape, seed):
+    B, Hq, Hk, N, M, D, Dv = shape
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(B, Hq, N, D, generator=gen), torch.randn(B, Hk, M, D, generator=gen), \
+        torch.randn(B, Hk, M, Dv, generator=gen)
+
+
+def doubles(*tensors):
+    return [t.detach().double().requires_grad_(t.requires_grad) for t in tensors]
+
+
+def assert_close(actual, expected, rtol=1e-5):
+    """fp32 result vs float64 reference: relative to the largest magnitude of the expected tensor."""
+    expected = expected.to(actual.dtype)
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * max(expected.abs().max().item(), 1.0))
+
+
+def admissible_blocks(n, m, block, causal):
+    """(nQB, nKB) bool from the element mask: blocks holding at least one visible key."""
+    visible = visible_mask(n, m, causal=causal).float()[None, None]
+    return F.max_pool2d(visible, block, block, ceil_mode=True)[0, 0] > 0
+
+
+def reference_block_target(q, k, block, causal):
+    """max_pool2d of the float64 reference softmax map (P = attention with v = identity), row-normalised."""
+    M = k.shape[2]
+    identity = torch.eye(M, dtype=torch.float64).expand(k.shape[0], k.shape[1], M, M)
+    probs = attention(q.double(), k.double(), identity, causal=causal)  # (B, Hq, N, M)
+    pooled = F.max_pool2d(probs, block, block, ceil_mode=True)
+    total = pooled.sum(dim=-1, keepdim=True)
+    return torch.where(total > 0, pooled / total, 0.0)
+
+
+def make_gate(kind, q, k, block, seed):
+    B, Hq, N, D = q.shape
+    Hk, M = k.shape[1], k.shape[2]
+    if kind == "oracle":
+        return None
+    torch.manual_seed(seed)
+    if kind == "module":
+        return AttnGate(D, Hq, Hk, hidden=16, block_size=block)
+    return torch.rand(B, Hq, -(-N // block), -(-M // block), generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The method: equals dense when every block is kept, equals the masked reference for its mask
+# ---------------------------------------------------------------------------------------------------
+
+
+@given(shape=shapes(), causal=st.booleans(), block=st.sampled_from([16, 32]), keep_all=st.sampled_from(
+       [{"threshold": 0.0}, {"topk_ratio": 1.0}]), gate_kind=st.sampled_from(["oracle", "module", "tensor"]),
+       backend=BACKENDS, seed=SEEDS)
+@settings()
+def test_keeping_every_block_equals_dense(shape, causal, block, keep_all, gate_kind, backend, seed):
+    q, k, v = make_qkv(shape, seed)
+    fn = attnzoo.get("seerattention", block_size=block, last_blocks_dense=0, **keep_all)
+    out, block_mask = fn(q, k, v, causal=causal, gate=make_gate(gate_kind, q, k, block, seed), backend=backend,
+                         return_block_mask=True)
+    assert (block_mask.mask == admissible_blocks(shape[3], shape[4], block, causal)).all()
+    assert_close(out, attention(*doubles(q, k, v), causal=causal))
+
+
+@given(shape=shapes(), causal=st.booleans(), rule=st.sampled_from(["threshold", "topk_ratio"]),
+       level=st.floats(0.05, 0.9), last_blocks_dense=st.integers(0, 2),
+       gate_kind=st.sampled_from(["oracle", "module", "tensor"]), backend=BACKENDS, seed=SEEDS)
+@settings()
+def test_output_and_gradients_equal_masked_reference_for_returned_mask(shape, causal, rule, level, last_blocks_dense,
+                                                                       gate_kind, backend, seed):
+    B, Hq, Hk, N, M, D, Dv = shape
+    q, k, v = (t.requires_grad_() for t in make_qkv(shape, seed))
+    fn = attnzoo.get("seerattention", block_size=16, last_blocks_dense=last_blocks_dense, **{rule: level})
+    out, block_mask = fn(q, k, v, causal=causal, gate=make_gate(gate_kind, q, k, 16, seed), backend=backend,
+                         return_block_mask=True)
+    assert block_mask.mask.shape == (B, Hq, -(-N // 16), -(-M // 16))
+    mask = expand_block_mask(block_mask.mask, N, M, 16, 16)
+    q64, k64, v64 = doubles(q, k, v)
+    expected = attention(q64, k64, v64, causal=causal, mask=mask)
+    assert_close(out, expected)
+
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1))
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    expected_grads = torch.autograd.grad(expected, (q64, k64, v64), grad_out.double())
+    for got, want in zip(grads, expected_grads):
+        assert_close(got, want, rtol=2e-5)
+
+
+@given(shape=shapes(max_len=40), causal=st.booleans(), backend=BACKENDS, seed=SEEDS)
+@settings()
+def test_every_query_that_sees_a_key_keeps_one_and_empty_rows_are_zero(shape, causal, backend, seed):
+    """topk_ratio tiny: one block per row plus the forced ones; no NaN even where N > M leaves rows empty."""
+    B, Hq, Hk, N, M, D, Dv = shape
+    q, k, v = make_qkv(shape, seed)
+    out, block_mask = attnzoo.get("seerattention", block_size=16, topk_ratio=1e-6, last_blocks_dense=0)(
+        q, k, v, causal=causal, backend=backend, return_block_mask=True)
+    sees_a_kept_key = (expand_block_mask(block_mask.mask, N, M, 16, 16) & visible_mask(N, M, causal=causal)).any(-1)
+    assert torch.equal(sees_a_kept_key, visible_mask(N, M, causal=causal).any(-1).expand_as(sees_a_kept_key))
+    assert torch.isfinite(out).all()
+    assert (out[~sees_a_kept_key] == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Selection rules (pure torch)
+# ---------------------------------------------------------------------------------------------------
+
+
+@st.composite
+def score_maps(draw):
+    n, m = draw(st.integers(1, 120)), draw(st.integers(1, 120))
+    block, causal, seed = draw(st.sampled_from([16, 32])), draw(st.booleans()), draw(SEEDS)
+    scores = torch.rand(2, 3, -(-n // block), -(-m // block), generator=torch.Generator().manual_seed(seed))
+    return scores, n, m, block, causal
+
+
+@given(case=score_maps(), low=st.floats(0.0, 1.0), high=st.floats(0.0, 1.0), last_blocks_dense=st.integers(0, 3))
+@settings()
+def test_threshold_keeps_scores_at_or_above_it_plus_forced_blocks_and_nests(case, low, high, last_blocks_dense):
+    scores, n, m, block, causal = case
+    low, high = min(low, high), max(low, high)
+    admissible = admissible_blocks(n, m, block, causal)
+    forced = diagonal_blocks(n, m, block, causal=causal).clone()
+    forced[max(0, forced.shape[0] - last_blocks_dense):, :] = True
+    kept = {t: select_blocks(scores, n, m, block_size=block, causal=causal, threshold=t,
+                             last_blocks_dense=last_blocks_dense) for t in (low, high)}
+    for t, keep in kept.items():
+        assert torch.equal(keep, ((scores >= t) | forced) & admissible)
+    assert not (kept[high] & ~kept[low]).any()
+
+
+@given(case=score_maps(), ratio=st.floats(1e-3, 1.0), last_blocks_dense=st.integers(0, 3))
+@settings()
+def test_topk_keeps_the_highest_ceil_ratio_of_admissible_blocks(case, ratio, last_blocks_dense):
+    scores, n, m, block, causal = case
+    admissible = admissible_blocks(n, m, block, causal)
+    diag = diagonal_blocks(n, m, block, causal=causal)
+    keep = select_blocks(scores, n, m, block_size=block, causal=causal, topk_ratio=ratio,
+                         last_blocks_dense=last_blocks_dense)
+    top = select_blocks(scores, n, m, block_size=block, causal=causal, topk_ratio=ratio, last_blocks_dense=0)
+    dense_rows = torch.arange(scores.shape[2]) >= scores.shape[2] - last_blocks_dense
+    assert torch.equal(keep, torch.where(dense_rows[:, None], admissible, top))
+    for row in range(scores.shape[2]):
+        count = int(admissible[row].sum())
+        if count == 0:
+            assert not top[..., row, :].any()
+            continue
+        wanted = max(1, math.ceil(ratio * count - 1e-9))
+        ranked = scores[..., row, :].masked_fill(~admissible[row], -1.0)
+        threshold = ranked.sort(dim=-1, descending=True).values[..., wanted - 1:wanted]
+        assert torch.equal(top[..., row, :], ((ranked >= threshold) | diag[row]) & admissible[row])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Distillation target and loss
+# ---------------------------------------------------------------------------------------------------
+
+
+@given(shape=shapes(), causal=st.booleans(), block=st.sampled_from([16, 32]), backend=BACKENDS, seed=SEEDS)
+@settings()
+def test_target_equals_max_pool_of_reference_softmax_map(shape, causal, block, backend, seed):
+    B, Hq, Hk, N, M, D, Dv = shape
+    q, k, _ = make_qkv(shape, seed)
+    target = block_attention_target(q, k, block, causal, backend=backend)
+    expected = reference_block_target(q, k, block, causal)
+    assert_close(target, expected)
+    row_sums = target.sum(-1)  # 1 for query blocks holding a query that sees a key, else 0
+    block_sees_a_key = F.max_pool1d(visible_mask(N, M, causal=causal).any(-1).double()[None], block, block,
+                                    ceil_mode=True)[0]
+    assert_close(row_sums, block_sees_a_key.expand_as(row_sums))
+
+
+@given(shape=shapes(), causal=st.booleans(), scale=st.floats(0.05, 1.0), seed=SEEDS)
+@settings()
+def test_target_from_saved_lse_equals_target_from_scratch(shape, causal, scale, seed):
+    q, k, v = make_qkv(shape, seed)
+    _, lse = attnzoo.get("dense")(q, k, v, causal=causal, scale=scale, backend="torch", return_lse=True)
+    from_lse = block_attention_target(q, k, 16, causal, scale=scale, lse=lse, backend="torch")
+    torch.testing.assert_close(from_lse, block_attention_target(q, k, 16, causal, scale=scale, backend="torch"))
+
+
+@given(rows=st.integers(1, 6), cols=st.integers(1, 6), seed=SEEDS)
+@settings()
+def test_gate_loss_is_the_kl_divergence(rows, cols, seed):
+    gen = torch.Generator().manual_seed(seed)
+    target = torch.softmax(torch.randn(2, rows, cols, generator=gen, dtype=torch.float64), -1)
+    logits = torch.randn(2, rows, cols, generator=gen, dtype=torch.float64)
+    expected = (target * (target.log() - torch.log_softmax(logits, -1))).sum(-1).mean()
+    torch.testing.assert_close(gate_loss(logits, target), expected)
+    assert gate_loss(target.log(), target).abs() < 1e-12
+
+
+def test_gate_loss_skips_rows_without_target_and_masked_blocks():
+    target = torch.tensor([[0.0, 0.0], [0.25, 0.75]], dtype=torch.float64)
+    logits = torch.tensor([[-math.inf, -math.inf], [0.0, math.log(3.0)]], dtype=torch.float64, requires_grad=True)
+    loss = gate_loss(logits, target)
+    loss.backward()
+    assert loss.abs() < 1e-12 and torch.isfinite(logits.grad).all()
+
+
+# ---------------------------------------------------------------------------------------------------
+# AttnGate
+# ---------------------------------------------------------------------------------------------------
+
+
+def reference_gate_probs(gate, q_proj, k_proj, q, k, causal):
+    """AttnGate written out from METHODS.md in float64 with the given weights: block loops, RoPE as a
+    complex rotation."""
+    B, Hq, N, D = q.shape
+    Hk, M = k.shape[1], k.shape[2]
+    bs, half = gate.block_size, gate.hidden // 2
+    q_blocks = [q[:, :, s:s + bs] for s in range(0, N, bs)]
+    k_blocks = [k[:, :, s:s + bs] for s in range(0, M, bs)]
+    pooled_q = torch.stack([x.mean(2) for x in q_blocks], dim=2)
+    pooled_k = torch.stack([torch.cat([x.amax(2), x.amin(2), x.mean(2)], -1) for x in k_blocks], dim=2)
+    gate_q = torch.einsum("bhnd,hde->bhne", pooled_q, q_proj)
+    gate_k = torch.einsum("bhnd,hde->bhne", pooled_k, k_proj)
+
+    def rope(x, starts):
+        freqs = gate.rope_base ** (-torch.arange(half, dtype=torch.float64) / half)
+        turned = torch.complex(x[..., :half], x[..., half:]) * torch.polar(
+            torch.ones(len(starts), half, dtype=torch.float64), starts[:, None].double() * freqs)
+        return torch.cat([turned.real, turned.imag], -1)
+
+    gate_q = rope(gate_q, torch.arange(len(q_blocks)) * bs + (M - N))
+    gate_k = rope(gate_k, torch.arange(len(k_blocks)) * bs).repeat_interleave(Hq // Hk, dim=1)
+    logits = gate_q @ gate_k.transpose(-1, -2) / gate.hidden ** 0.5
+    admissible = admissible_blocks(N, M, bs, causal)
+    probs = torch.softmax(logits.masked_fill(~admissible, -math.inf), -1)
+    return torch.where(admissible.any(-1, keepdim=True), probs, 0.0)
+
+
+@given(shape=shapes(max_len=80), causal=st.booleans(), block=st.sampled_from([16, 32]), seed=SEEDS)
+@settings()
+def test_gate_matches_its_definition_with_parameter_gradients(shape, causal, block, seed):
+    B, Hq, Hk, N, M, D, Dv = shape
+    q, k, _ = make_qkv(shape, seed)
+    torch.manual_seed(seed)
+    gate = AttnGate(D, Hq, Hk, hidden=16, block_size=block)
+    probs = gate(q, k, causal=causal)
+    q_proj, k_proj = (p.detach().double().requires_grad_() for p in (gate.q_proj, gate.k_proj))
+    expected = reference_gate_probs(gate, q_proj, k_proj, q.double(), k.double(), causal)
+    assert_close(probs, expected)
+    admissible = admissible_blocks(N, M, block, causal)
+    assert (probs[..., ~admissible] == 0).all()
+    assert_close(probs.sum(-1), admissible.any(-1).double().expand(B, Hq, -1))
+
+    weights = torch.randn(probs.shape, generator=torch.Generator().manual_seed(seed + 1))
+    grads = torch.autograd.grad((probs * weights).sum(), (gate.q_proj, gate.k_proj))
+    expected_grads = torch.autograd.grad((expected * weights.double()).sum(), (q_proj, k_proj))
+    for got, want in zip(grads, expected_grads):
+        assert_close(got, want)
+
+
+@given(seed=SEEDS, causal=st.booleans())
+@settings()
+def test_a_few_optimiser_steps_lower_the_gate_loss(seed, causal):
+    q, k, _ = make_qkv((1, 2, 1, 64, 64, 16, 16), seed)
+    target = block_attention_target(q, k, 16, causal, backend="torch")
+    torch.manual_seed(seed)
+    gate = AttnGate(16, 2, 1, hidden=16, block_size=16)
+    optimizer = torch.optim.Adam(gate.parameters(), lr=3e-2)
+    losses = []
+    for _ in range(5):
+        loss = gate_loss(gate.logits(q, k, causal=causal), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("params, match", [
+    ({}, "exactly one of threshold"),
+    ({"threshold": 0.1, "topk_ratio": 0.5}, "exactly one of threshold"),
+    ({"threshold": 1.5}, r"threshold must be a float in \[0, 1\]"),
+    ({"topk_ratio": 0.0}, r"topk_ratio must be a float in \(0, 1\]"),
+    ({"topk_ratio": 0.5, "block_size": 24}, "block_size must be a power of two >= 16, got 24"),
+    ({"topk_ratio": 0.5, "last_blocks_dense": -1}, "last_blocks_dense must be an int >= 0"),
+    ({"topk_ratio": 0.5, "gate": torch.rand(1, 2, 2, 3)}, r"gate has shape \(1, 2, 2, 3\)"),
+    ({"topk_ratio": 0.5, "gate": "gate"}, "gate must be None, an AttnGate"),
+    ({"topk_ratio": 0.5, "gate": AttnGate(16, 2, 2, hidden=16, block_size=32)}, "gate has block_size=32"),
+])
+def test_invalid_selection_raises_naming_the_argument(params, match):
+    q, k, v = make_qkv((1, 2, 2, 20, 20, 16, 16), seed=0)
+    with pytest.raises((ValueError, TypeError), match=match):
+        attnzoo.get("seerattention", block_size=params.pop("block_size", 16))(
+            q, k, v, causal=True, backend="torch", **params)

@@ -1,0 +1,152 @@
+"""sparsed: the top-k block-mean selection (against the float64 softmax map), the isolated
+generation region, the dense-early / frozen-pattern schedule, and the output for the returned mask."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import attnzoo
+from attnzoo.reference import attention, expand_block_mask
+
+BACKENDS = st.sampled_from(["triton", "torch"])
+
+
+@pytest.fixture(autouse=True)
+def poison_kernel_outputs(monkeypatch):
+    monkeypatch.setenv("ATTNZOO_POISON", "1")
+
+
+@st.composite
+def problems(draw):
+    kv_heads, group = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    m = draw(st.integers(1, 64))
+    return {"seed": draw(st.integers(0, 2**31 - 1)), "batch": draw(st.integers(1, 2)), "q_heads": kv_heads * group,
+            "kv_heads": kv_heads, "n": draw(st.integers(1, 64)), "m": m, "d": draw(st.sampled_from([16, 32])),
+            "block": draw(st.sampled_from([16, 32])), "select": draw(st.floats(0, 1)),
+            "gen_len": draw(st.none() | st.integers(1, m))}
+
+
+def _inputs(p, seed_offset: int = 0):
+    gen = torch.Generator().manual_seed(p["seed"] + seed_offset)
+    shapes = ((p["q_heads"], p["n"]), (p["kv_heads"], p["m"]), (p["kv_heads"], p["m"]))
+    return [torch.randn(p["batch"], h, length, p["d"], generator=gen) for h, length in shapes]
+
+
+def _block_mean_probs(q, k, block: int) -> torch.Tensor:
+    """float64 (B, Hq, nQB, nKB): mean of softmax(q k^T / sqrt(D)) over each block tile (padding
+    counts as zero)."""
+    q, k = q.double(), k.double().repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    probs = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
+    n_qb, n_kb = -(-q.shape[2] // block), -(-k.shape[2] // block)
+    padded = probs.new_zeros(*probs.shape[:2], n_qb * block, n_kb * block)
+    padded[..., : q.shape[2], : k.shape[2]] = probs
+    return padded.unflatten(2, (n_qb, block)).unflatten(4, (n_kb, block)).mean((3, 5))
+
+
+def _is_top(scores: torch.Tensor, kept: torch.Tensor, count: int) -> bool:
+    """kept (..., n) holds exactly min(n, count) blocks per row, none scoring below one left out
+    (up to 1e-7, so near-ties may go either way)."""
+    count = min(scores.shape[-1], count)
+    lowest_kept = scores.masked_fill(~kept, math.inf).amin(-1)
+    highest_dropped = scores.masked_fill(kept, -math.inf).amax(-1)
+    return bool((kept.sum(-1) == count).all() and (lowest_kept >= highest_dropped - 1e-7).all())
+
+
+@given(p=problems(), backend=BACKENDS)
+@settings()
+def test_selection_is_the_top_k_of_block_mean_probabilities_per_region(p, backend):
+    q, k, v = _inputs(p)
+    out, block_mask = attnzoo.get("sparsed", select=p["select"], block_size=p["block"], gen_len=p["gen_len"])(
+        q, k, v, backend=backend, return_block_mask=True)
+    kept = block_mask.to_dense()
+    n_kb = kept.shape[-1]
+    k_all = math.floor(n_kb * p["select"]) + 1
+    if p["gen_len"] is None:
+        assert _is_top(_block_mean_probs(q, k, p["block"]), kept, k_all)
+    else:
+        first_gen = min(-(-(p["m"] - p["gen_len"]) // p["block"]), n_kb - 1)
+        gen_scores = _block_mean_probs(q, k[:, :, first_gen * p["block"]:], p["block"])
+        assert _is_top(gen_scores, kept[..., first_gen:], math.floor((n_kb - first_gen) * p["select"]) + 1)
+        if first_gen > 0:
+            prompt_scores = _block_mean_probs(q, k, p["block"])[..., :first_gen]
+            assert _is_top(prompt_scores, kept[..., :first_gen], k_all)
+    mask = expand_block_mask(kept, p["n"], p["m"], p["block"], p["block"])
+    torch.testing.assert_close(out.double(), attention(q.double(), k.double(), v.double(), mask=mask),
+                               rtol=1e-5, atol=1e-5)
+
+
+@given(p=problems(), skip=st.floats(0, 0.6), total_steps=st.integers(2, 6))
+@settings()
+def test_schedule_runs_dense_then_freezes_the_pattern_of_step_t_star(p, skip, total_steps):
+    """Steps <= t* are dense; step t* stores its pattern; later steps reuse it whatever q, k they get,
+    and then never read V outside it (poisoned here; checked on the kernel backend)."""
+    fn = attnzoo.get("sparsed", select=p["select"], block_size=p["block"], gen_len=p["gen_len"], skip=skip,
+                     total_steps=total_steps)
+    made_at = math.floor(total_steps * skip) + 1
+    cache = {}
+    for step in range(made_at + 1):
+        q, k, v = _inputs(p, seed_offset=step)
+        out, block_mask = fn(q, k, v, step=step, cache=cache, backend="torch", return_block_mask=True)
+        assert block_mask.to_dense().all()
+        torch.testing.assert_close(out.double(), attention(q.double(), k.double(), v.double()), rtol=1e-5, atol=1e-5)
+    frozen = next(iter(cache.values())).to_dense()
+    _, made = attnzoo.get("sparsed", select=p["select"], block_size=p["block"], gen_len=p["gen_len"])(
+        q, k, v, backend="torch", return_block_mask=True)
+    assert torch.equal(frozen, made.to_dense())
+
+    q, k, v = _inputs(p, seed_offset=made_at + 1)
+    unread = ~frozen.unflatten(1, (p["kv_heads"], -1)).any(2).any(2)  # (B, Hk, nKB)
+    v_bad = v.masked_fill(expand_block_mask(unread[:, :, None], 1, p["m"], 1, p["block"])[:, :, 0, :, None],
+                          float("nan"))
+    out, block_mask = fn(q, k, v_bad, step=made_at + 1, cache=cache, backend="triton", return_block_mask=True)
+    assert torch.equal(block_mask.to_dense(), frozen)
+    mask = expand_block_mask(frozen, p["n"], p["m"], p["block"], p["block"])
+    torch.testing.assert_close(out.double(), attention(q.double(), k.double(), v.double(), mask=mask),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_select_one_and_skip_one_equal_dense(backend):
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 50, 16, generator=gen) for _ in range(3))
+    dense = attention(q.double(), k.double(), v.double())
+    out = attnzoo.get("sparsed", select=1.0, block_size=16, gen_len=20)(q, k, v, backend=backend)
+    torch.testing.assert_close(out.double(), dense, rtol=1e-5, atol=1e-5)
+    cache = {}
+    for step in range(3):
+        out = attnzoo.get("sparsed", skip=1.0, block_size=16, total_steps=3)(q, k, v, step=step, cache=cache,
+                                                                            backend=backend)
+        torch.testing.assert_close(out.double(), dense, rtol=1e-5, atol=1e-5)
+    assert not cache
+
+
+def test_gradients_equal_the_masked_reference():
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=gen).requires_grad_() for _ in range(3))
+    out, block_mask = attnzoo.get("sparsed", block_size=16)(q, k, v, backend="torch", return_block_mask=True)
+    grad_out = torch.randn(out.shape, generator=gen)
+    got = torch.autograd.grad(out, (q, k, v), grad_out)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    mask = expand_block_mask(block_mask.to_dense(), 40, 40, 16, 16)
+    want = torch.autograd.grad(attention(q64, k64, v64, mask=mask), (q64, k64, v64), grad_out.double())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    ({"causal": True}, ValueError, "causal"),
+    ({"select": 1.5}, ValueError, "select"),
+    ({"skip": -1.0}, ValueError, "skip"),
+    ({"gen_len": 0}, ValueError, "gen_len"),
+    ({"gen_len": 33}, ValueError, "gen_len"),
+    ({"step": 1}, ValueError, "total_steps"),
+    ({"step": 1, "total_steps": 4}, TypeError, "cache"),
+    ({"step": 3, "total_steps": 4, "cache": {}}, ValueError, "run step 1"),
+])
+def test_bad_calls_are_rejected(call, error, match):
+    q = k = v = torch.randn(1, 1, 32, 16)
+    with pytest.raises(error, match=match):
+        attnzoo.get("sparsed", block_size=16)(q, k, v, backend="torch", **call)
