@@ -59,6 +59,13 @@ def _chunk_mask(start: int, stop: int, n: int, m: int, window, block_mask, block
     return keep.repeat(group, 1)
 
 
+def _unread_keys_zeroed(k_chunk, v_chunk, keep):
+    """Zero the keys/values of this chunk that no query of their kv head may see, as the kernel never
+    loads them: NaN or garbage there must not leak through 0 * NaN in the products."""
+    read = keep.any(dim=-2)[..., None]  # (B|1, Hk|1, chunk, 1)
+    return k_chunk.masked_fill(~read, 0.0), v_chunk.masked_fill(~read, 0.0)
+
+
 def _chunks(m: int, block_k: int | None):
     step = _CHUNK if block_k is None else max(block_k, _CHUNK // block_k * block_k)
     for start in range(0, m, step):
@@ -87,15 +94,16 @@ def flash_fwd(q, k, v, *, scale: float, window=(-1, -1), softcap: float = 0.0,
     row_sum = torch.zeros_like(row_max)
     acc = torch.zeros(*qf.shape[:-1], Dv, dtype=acc_dtype, device=q.device)
     for start, stop in _chunks(M, block_k or None):
-        s, _ = _scores(qf, kf[:, :, start:stop], scale, softcap)
         keep = _chunk_mask(start, stop, N, M, window, block_mask, block_q, block_k, Hk, Hq // Hk, q.device)
+        kc, vc = _unread_keys_zeroed(kf[:, :, start:stop], vf[:, :, start:stop], keep)
+        s, _ = _scores(qf, kc, scale, softcap)
         s = s.masked_fill(~keep, -math.inf)
         new_max = torch.maximum(row_max, s.amax(dim=-1))
         safe_max = new_max.masked_fill(new_max == -math.inf, 0.0)  # rows with nothing visible yet
         p = torch.exp(s - safe_max[..., None])
         alpha = torch.exp(row_max - safe_max)
         row_sum = row_sum * alpha + p.sum(dim=-1)
-        acc = acc * alpha[..., None] + torch.matmul(p, vf[:, :, start:stop])
+        acc = acc * alpha[..., None] + torch.matmul(p, vc)
         row_max = new_max
 
     empty = row_sum == 0
@@ -124,9 +132,9 @@ def flash_bwd(do, q, k, v, o, lse, *, scale: float, window=(-1, -1), softcap: fl
     dk = torch.empty(B, Hk, M, D, dtype=acc_dtype, device=q.device)
     dv = torch.empty(B, Hk, M, v.shape[-1], dtype=acc_dtype, device=q.device)
     for start, stop in _chunks(M, block_k or None):
-        kc, vc = kf[:, :, start:stop], vf[:, :, start:stop]
-        s, tanh_s = _scores(qf, kc, scale, softcap)
         keep = _chunk_mask(start, stop, N, M, window, block_mask, block_q, block_k, Hk, Hq // Hk, q.device)
+        kc, vc = _unread_keys_zeroed(kf[:, :, start:stop], vf[:, :, start:stop], keep)
+        s, tanh_s = _scores(qf, kc, scale, softcap)
         p = torch.exp((s - lse_f[..., None]).masked_fill(~keep, -math.inf))  # (B, Hk, G*N, chunk)
         dv[:, :, start:stop] = torch.matmul(p.transpose(-1, -2), dof)
         ds = p * (torch.matmul(dof, vc.transpose(-1, -2)) - delta[..., None])
