@@ -9,6 +9,7 @@ and lse.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .block_mask import BlockMask
 
@@ -43,6 +44,7 @@ class _FlashAttention(torch.autograd.Function):
         return o, lse
 
     @staticmethod
+    @once_differentiable  # the backward kernels are not differentiable: a second derivative raises
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
         impl, scale, window, softcap, mask_args = ctx.args

@@ -263,7 +263,9 @@ class ZooLayer(nn.Module):
         self.adapter = adapter.build(shape, dict(method.params)) if adapter else None
         self.enabled = True  # False inside original_attention()
         self.hidden: torch.Tensor | None = None  # the attention module's input of the current forward
-        self.history: tuple[torch.Tensor, torch.Tensor | None] | None = None  # (q, hidden) seen so far
+        # (q, hidden, keys): the queries (and hidden states) seen so far, and the first and last key
+        # they went with, which identify the cached sequence they belong to
+        self.history: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None
 
     def capture(self, module, args, kwargs) -> None:
         """Forward pre-hook on the attention module: keep its hidden states for the learned parts."""
@@ -276,17 +278,24 @@ class ZooLayer(nn.Module):
         if causal and mask is None and 1 < n < m:
             # only a static cache's prefill gets here: sdpa would align top-left, so keys >= n are unused
             k, v, m = k[:, :, :n], v[:, :, :n], n
+        if causal and mask is not None and n < m:
+            used = used_key_slots(mask, m)
+            if used < m:  # a pre-allocated (static) cache: the queries are the last slots in use
+                if used < n:
+                    raise NotImplementedError(f"the mask lets {n} queries see only {used} keys; not a KV cache layout")
+                k, v, mask, m = k[:, :, :used], v[:, :, :used], mask[..., :used], used
         valid = key_validity(mask, n, m, causal=causal)
         if causal and self.keeps_queries:
-            q, hidden = self._with_history(q, hidden, m)
+            q, hidden = self._with_history(q, k, hidden, m)
         if valid is None:
             out = self._attend(q, k, v, hidden, causal, scale)
         else:
             out = self._attend_rows(q, k, v, hidden, valid, causal, scale)
         return out[:, :, -n:]
 
-    def _with_history(self, q, hidden, m: int):
-        """Linear methods recompute over the whole cached sequence: prepend the queries seen before."""
+    def _with_history(self, q, k, hidden, m: int):
+        """Linear methods recompute over the whole cached sequence: prepend the queries seen before.
+        The kept queries must belong to the cached keys: same length, and the same first and last key."""
         n = q.shape[2]
         if n < m:
             past = self.history
@@ -296,10 +305,15 @@ class ZooLayer(nn.Module):
                     f"{0 if past is None else past[0].shape[2]}; run the prompt through the patched model in eval mode "
                     "(e.g. model.generate) rather than a cache built by another attention implementation"
                 )
+            if not torch.equal(past[2], k[:, :, [0, m - n - 1]]):
+                raise RuntimeError(
+                    f"{self.method.name!r} kept the queries of another sequence than the one in this KV cache (an "
+                    "unrelated forward ran in between); rerun the prompt through the patched model to rebuild both"
+                )
             q = torch.cat([past[0], q], dim=2)
             hidden = torch.cat([past[1], hidden], dim=1) if hidden is not None else None
         if not self.training:
-            self.history = (q.detach(), hidden.detach() if hidden is not None else None)
+            self.history = (q.detach(), hidden.detach() if hidden is not None else None, k[:, :, [0, -1]].detach())
         return q, hidden
 
     def _attend_rows(self, q, k, v, hidden, valid, causal: bool, scale):
@@ -329,6 +343,15 @@ class ZooLayer(nn.Module):
         if fn is self.method and self.adapter is not None:
             inputs = self.adapter_inputs(self.adapter, LayerInputs(q, k, v, hidden))
         return fn(q, k, v, causal=causal, scale=scale, backend=self.backend, **inputs)
+
+
+def used_key_slots(mask: torch.Tensor, m: int) -> int:
+    """How many of the m key slots are in use: a pre-allocated (static) KV cache hands over all its
+    slots, and those past the last key any query may attend are empty."""
+    attend = mask[..., :m]
+    attend = attend if attend.dtype == torch.bool else _float_mask_to_bool(attend)
+    seen = attend.any(dim=2).any(dim=1).any(dim=0).nonzero()
+    return int(seen.max()) + 1 if seen.numel() else m
 
 
 def key_validity(mask, n: int, m: int, *, causal: bool) -> torch.Tensor | None:
@@ -436,6 +459,8 @@ def patch(model: nn.Module, method: str, *, layers: Iterable[int] | None = None,
     for module in modules:
         if getattr(module, "is_causal", True) and not bound.info.supports.causal:
             raise ValueError(f"method {method!r} is non-causal only, but {type(module).__name__} is causal")
+        if not getattr(module, "is_causal", True) and not bound.info.supports.non_causal:
+            raise ValueError(f"method {method!r} is causal only, but {type(module).__name__} is not causal")
     name = _IMPL_NAMES[original]
     _register_impl(name, original)
     setattr(model, _MARK, original)

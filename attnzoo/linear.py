@@ -18,6 +18,7 @@ Decoding: `step(q_t, k_t, v_t, state)` advances the same recurrence by one token
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import backend as _backend
 from .validation import check_tensor
@@ -45,10 +46,21 @@ def default_chunk_size(gated: bool, backend: str) -> int:
 
 
 def check_chunk_size(chunk_size) -> int:
+    """The chunk is also the kernels' register tile (C x C scores, C x C x BK gated decays), so it is
+    bounded: a power of two in [16, 128]."""
     is_int = isinstance(chunk_size, int) and not isinstance(chunk_size, bool)
-    if not is_int or chunk_size < 16 or chunk_size & (chunk_size - 1):
-        raise ValueError(f"chunk_size must be a power of two >= 16 (or None for the default), got {chunk_size!r}")
+    if not is_int or not 16 <= chunk_size <= 128 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size must be a power of two in [16, 128] (or None for the default), got {chunk_size!r}")
     return chunk_size
+
+
+def check_log_gates(name: str, g: torch.Tensor) -> None:
+    """Log forget gates must be finite and <= 0. (A forget gate of exactly 0, log 0 = -inf, would make
+    the chunked form's exp(G_t - G_s) a NaN; a large negative value such as -60 forgets as well.)"""
+    if not bool((torch.isfinite(g) & (g <= 0)).all()):
+        raise ValueError(f"{name} holds log forget gates and must be finite and <= 0; got values from "
+                         f"{g.min().item():.3g} to {g.max().item():.3g} (for a gate that forgets everything "
+                         "use a large negative value such as -60, not -inf)")
 
 
 def _gate_grad(q, k, dq, dk, final_state, dfinal):
@@ -72,6 +84,7 @@ class _ChunkedLinear(torch.autograd.Function):
         return out, final
 
     @staticmethod
+    @once_differentiable  # the backward kernels are not differentiable: a second derivative raises
     def backward(ctx, dout, dfinal):
         q, k, v, g, chunk_states, final = ctx.saved_tensors
         dq, dk, dv, dh0 = ctx.impl.chunk_linear_bwd(q, k, v, g, chunk_states, final, dout, dfinal, **ctx.config)
@@ -146,6 +159,7 @@ def step(q_t, k_t, v_t, state, *, scale: float, g_t=None, normalize: bool = Fals
     values = (_with_ones_column(v_t) if normalize else v_t).float()
     if g_t is not None:
         check_tensor("g_t", g_t, shape=(B, H, 1, F), like=k_t)
+        check_log_gates("g_t", g_t)
         packed = g_t.float().exp().transpose(-1, -2) * packed
     packed = packed + k_t.float().transpose(-1, -2) @ values
     out = scale * q_t.float() @ packed

@@ -220,3 +220,15 @@ def test_python_dash_m_entry_point():
     result = subprocess.run([sys.executable, "-m", "attnzoo", "list"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "dense" in result.stdout
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("method", ["dense", "gla"])
+def test_second_derivatives_raise_instead_of_being_wrong(method, backend):
+    # the backward kernels are not differentiable: double backward must fail loudly, not return a
+    # gradient that treats recomputed statistics as constants
+    q, k, v = (t.requires_grad_() for t in _qkv(Hq=2, Hk=2, N=8, M=8, seed=21))
+    out = attnzoo.get(method)(q, k, v, causal=True, backend=backend)
+    (dq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        dq.square().sum().backward()

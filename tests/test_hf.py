@@ -228,6 +228,28 @@ def test_generate_with_dense_matches_unpatched():
     assert torch.equal(got, want)
 
 
+def _decode_logits(model, ids, mask, **kwargs):
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                         output_logits=True, return_dict_in_generate=True, **kwargs)
+    return out.sequences[:, ids.shape[1]:], torch.stack(out.logits)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_decoding_logits_with_dense_match_unpatched(cache):
+    """Every decoding step's logits, with a left-padded row, for the default cache and for a
+    pre-allocated static cache (whose unused slots reach the attention function masked)."""
+    model = llama()
+    ids = tokens(2, 7)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    kwargs = {} if cache == "dynamic" else {"cache_implementation": "static"}
+    want_ids, want_logits = _decode_logits(model, ids, mask, **kwargs)
+    with hf.patched(model, method_or_skip("dense"), **TORCH):
+        got_ids, got_logits = _decode_logits(model, ids, mask, **kwargs)
+    assert torch.equal(got_ids, want_ids)
+    assert_close(got_logits, want_logits)
+
+
 @pytest.mark.parametrize("method,params", [("gla", {}), ("lawcat", {}),
                                            ("seerattention", {"topk_ratio": 0.5, "block_size": 16})])
 def test_generate_cache_equals_recompute(method, params):
@@ -250,6 +272,19 @@ def test_decoding_without_kept_queries_raises():
     with hf.patched(model, method_or_skip("gla"), **TORCH):
         with pytest.raises(RuntimeError, match="cached tokens"):
             model(input_ids=tokens(1, 1), past_key_values=cache)
+
+
+def test_decoding_after_an_unrelated_forward_raises_instead_of_reusing_its_queries():
+    model = llama()
+    prompt, other, new = tokens(1, 8), tokens(1, 8), tokens(1, 1)
+    with torch.no_grad(), hf.patched(model, method_or_skip("gla"), **TORCH):
+        want = model(torch.cat([prompt, new], 1), use_cache=False).logits[:, -1]
+        cache = model(prompt, use_cache=True).past_key_values
+        assert_close(model(new, past_key_values=cache).logits[:, -1], want)
+        cache = model(prompt, use_cache=True).past_key_values
+        model(other, use_cache=False)  # same length, other text: the layer now holds its queries
+        with pytest.raises(RuntimeError, match="another sequence"):
+            model(new, past_key_values=cache)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -399,6 +434,11 @@ def test_refuses_what_the_method_cannot_do(register):
     with pytest.raises(ValueError, match="non-causal only"):
         register("test_hf_bidir", lambda q, k, v, **kw: q, supports={"causal": False})
         hf.patch(model, "test_hf_bidir")
+    encoder = bert()
+    with pytest.raises(ValueError, match="causal only, but .* is not causal"):
+        register("test_hf_causal_only", lambda q, k, v, **kw: q, supports={"non_causal": False})
+        hf.patch(encoder, "test_hf_causal_only")
+    assert not hasattr(encoder, hf._MARK)
     model.config._attn_implementation = "flex_attention"
     with pytest.raises(ValueError, match="'sdpa' or 'eager'"):
         hf.patch(model, "dense")

@@ -125,8 +125,13 @@ def test_invalid_calls_raise_and_say_why():
         attnzoo.methods.gla.gla(q, k, v, causal=False, scale=1.0, backend="torch")
     with pytest.raises(ValueError, match=r"g has shape \(1, 2, 8, 8\)"):
         gla(q, k, v, causal=True, g=g[..., :8])
-    with pytest.raises(ValueError, match="g holds log forget gates and must be <= 0"):
+    with pytest.raises(ValueError, match="g holds log forget gates and must be finite and <= 0"):
         gla(q, k, v, causal=True, g=-g)
+    for bad in (float("-inf"), float("nan")):  # the chunked form would turn either into NaN outputs
+        with pytest.raises(ValueError, match="must be finite and <= 0"):
+            gla(q, k, v, causal=True, g=g.index_fill(2, torch.tensor([3]), bad))
+    with pytest.raises(ValueError, match="g_t holds log forget gates"):
+        attnzoo.linear_state("gla")(q[:, :, :1], k[:, :, :1], v[:, :, :1], None, g_t=-g[:, :, :1])
     with pytest.raises(TypeError, match="initial_state has dtype torch.float64"):
         gla(q, k, v, causal=True, initial_state=torch.zeros(1, 2, 16, 24, dtype=torch.float64))
     with pytest.raises(ValueError, match="grouped-query"):

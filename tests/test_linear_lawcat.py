@@ -127,5 +127,7 @@ def test_invalid_calls_raise_and_say_why():
         fn(q, k, v, causal=True, conv_q=torch.zeros(3, 16, 4))
     with pytest.raises(ValueError, match="feature_map"):
         fn(q, k, v, causal=True, feature_map="softmax")
-    with pytest.raises(ValueError, match="must be <= 0"):
+    with pytest.raises(ValueError, match="must be finite and <= 0"):
         fn(q, k, v, causal=True, g=torch.rand(1, 2, 8) + 0.1)
+    with pytest.raises(ValueError, match="conv_k must hold at least one tap"):
+        fn(q, k, v, causal=True, conv_k=torch.zeros(2, 16, 0))

@@ -29,8 +29,7 @@ def check_gla_inputs(q, causal: bool, g, k_len: int) -> None:
                          f"{q.shape[2]} and k length {k_len}")
     if g is not None:
         check_tensor("g", g, shape=tuple(q.shape), like=q, dtype=_FLOATS)
-        if bool((g > 0).any()):
-            raise ValueError(f"g holds log forget gates and must be <= 0; got max {g.max().item():.3g}")
+        _linear.check_log_gates("g", g)
 
 
 def gla(q, k, v, *, causal: bool, scale: float, backend: str, chunk_size=None, g=None, initial_state=None,

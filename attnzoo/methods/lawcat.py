@@ -58,10 +58,11 @@ def check_lawcat_args(q, k, causal, g, conv_q, conv_k, feature_map) -> None:
     for name, weight in (("conv_q", conv_q), ("conv_k", conv_k)):
         if weight is not None:
             check_tensor(name, weight, shape=(H, D, None), like=q, dtype=_FLOATS)
+            if weight.shape[-1] < 1:
+                raise ValueError(f"{name} must hold at least one tap, got shape {tuple(weight.shape)}")
     if g is not None:
         check_tensor("g", g, shape=(B, H, N) if g.dim() == 3 else (B, H, N, D), like=q, dtype=_FLOATS)
-        if bool((g > 0).any()):
-            raise ValueError(f"g holds log forget gates and must be <= 0; got max {g.max().item():.3g}")
+        _linear.check_log_gates("g", g)
 
 
 def lawcat(q, k, v, *, causal: bool, scale: float, backend: str, feature_map: str = "elu1", eps: float = 1e-6,
