@@ -131,8 +131,9 @@ class BlockMask:
             raise ValueError(f"block_mask is on {self.mask.device}; q, k, v are on {device}")
 
     def sparse_index(self, n: int, m: int, *, causal: bool, window=(-1, -1)) -> SparseIndex:
-        """Kernel form for this geometry (cached): full and partial lists, and their transposes."""
-        key = (n, m, causal, tuple(window))
+        """Kernel form for this geometry (cached): full and partial lists, and their transposes. The
+        cache follows the mask's storage and version counter, so editing or replacing `mask` rebuilds it."""
+        key = (n, m, causal, tuple(window), self.mask.data_ptr(), self.mask._version)
         if key not in self._index_cache:
             any_visible, fully = block_geometry(n, m, self.block_q, self.block_k, causal=causal,
                                                 window=window, device=self.mask.device)

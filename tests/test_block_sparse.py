@@ -133,3 +133,23 @@ def test_bad_block_masks_are_rejected():
         fn(q, k, v, block_mask=torch.ones(1, 1, 2, 2, dtype=torch.bool), block_size=16)
     with pytest.raises(ValueError, match=r"expected \(1\|1, 2\|1"):
         fn(q, k, v, block_mask=torch.ones(1, 3, 4, 4, dtype=torch.bool), block_size=16)
+
+
+def test_editing_a_mask_after_use_takes_effect():
+    # the kernel index is cached on the BlockMask; an in-place edit must not leave it stale
+    p = dict(seed=3, batch=1, q_heads=2, kv_heads=1, n=48, m=48, d=16, dv=16, block_q=16, block_k=16)
+    q, k, v = _inputs(p)
+    block_mask = BlockMask(torch.ones(1, 1, 3, 3, dtype=torch.bool), 16)
+    fn = attnzoo.get("block_sparse", block_mask=block_mask)
+    fn(q, k, v, backend="triton")
+    block_mask.mask[0, 0, 0, 1] = False
+    _assert_close(fn(q, k, v, backend="triton"), _masked_reference(q, k, v, block_mask.mask, p, False))
+
+
+def test_interpreter_tile_larger_than_the_sparse_block(monkeypatch):
+    monkeypatch.setenv("ATTNZOO_INTERPRET_TILE", "32")
+    p = dict(seed=4, batch=1, q_heads=1, kv_heads=1, n=64, m=64, d=16, dv=16, block_q=16, block_k=16)
+    q, k, v = _inputs(p)
+    blocks = _random_blocks(p, 0.6)
+    out = attnzoo.get("block_sparse", block_mask=blocks, block_size=16)(q, k, v, causal=True, backend="triton")
+    _assert_close(out, _masked_reference(q, k, v, blocks, p, True))

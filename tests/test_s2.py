@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 import attnzoo
 from attnzoo import masks
+from attnzoo.methods.s2 import s2_block_mask
 from attnzoo.reference import attention, expand_block_mask
 
 BACKENDS = st.sampled_from(["triton", "torch"])
@@ -101,8 +102,13 @@ def test_pattern_is_cached_per_shape_and_dense_heads_are_the_last_kv_heads():
     q, k = torch.randn(1, 4, 96, 16), torch.randn(1, 2, 96, 16)
     fn = attnzoo.get("s2", block_size=16, local_blocks=1, vert_stride=3, num_dense_heads=1)
     _, first = fn(q, k, k, causal=True, backend="torch", return_block_mask=True)
+    first.mask[:] = False  # the caller's copy: editing it must not change the cached pattern
     _, again = fn(q, k, k, causal=True, backend="torch", return_block_mask=True)
-    assert again is first
+    cached = s2_block_mask(96, 96, 4, 2, block_size=16, local_blocks=1, vert_stride=3, homo_head=False,
+                           num_dense_heads=1, head_sliding_offset=0, causal=True, device=q.device)
+    assert s2_block_mask.cache_info().hits >= 2 and again is not cached
+    assert torch.equal(again.to_dense(), cached.to_dense()) and again.to_dense().any()
+    first = again
     blocks = first.to_dense()[0]
     causal_blocks = masks.causal(96, 96, 16).to_dense()[0, 0]
     assert torch.equal(blocks[2], causal_blocks) and torch.equal(blocks[3], causal_blocks)

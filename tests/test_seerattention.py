@@ -205,6 +205,25 @@ def test_target_equals_max_pool_of_reference_softmax_map(shape, causal, block, b
     assert_close(row_sums, block_sees_a_key.expand_as(row_sums))
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_target_stays_finite_when_a_hidden_key_dominates(backend):
+    # a future key scoring far above everything a query may see: exp(s - lse) overflows for it, and the
+    # causal mask must remove it before (not after) the exp, or inf * 0 turns the whole map into NaN
+    q, k, _ = make_qkv((1, 2, 2, 64, 64, 16, 16), 5)
+    q[..., 0] += 8
+    k[:, :, -1, 0] = 60
+    target = block_attention_target(q, k, 16, True, backend=backend)
+    assert torch.isfinite(target).all()
+    assert_close(target, reference_block_target(q, k, 16, True))
+
+
+def test_target_in_bf16_on_the_kernel_path():
+    q, k, _ = make_qkv((1, 2, 1, 40, 40, 16, 16), 9)
+    target = block_attention_target(q.bfloat16(), k.bfloat16(), 16, True, backend="triton")
+    torch.testing.assert_close(target, reference_block_target(q.bfloat16().float(), k.bfloat16().float(), 16, True)
+                               .float(), rtol=2e-2, atol=2e-2)
+
+
 @given(shape=shapes(), causal=st.booleans(), scale=st.floats(0.05, 1.0), seed=SEEDS)
 @settings()
 def test_target_from_saved_lse_equals_target_from_scratch(shape, causal, scale, seed):

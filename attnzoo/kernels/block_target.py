@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ._config import dot_precision, interpret_tile, new_output, next_pow2, triton_interpreting
-from .flash import LOG2E, _load_rows, _visible
+from .flash import LOG2E, _dot, _load_rows, _visible
 
 
 @triton.jit
@@ -30,7 +30,7 @@ def _tile_max_prob(q, lse2, K, stride_kn, stride_kd, start_n, offs_m, offs_d, D,
     """Largest probability of the (BLOCK_M, BLOCK_N) tile of keys [start_n, +BLOCK_N); 0 where masked."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = _load_rows(K, offs_n, stride_kn, M, offs_d, stride_kd, D)  # (BLOCK_N, BLOCK_D)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (scale * LOG2E)  # (BLOCK_M, BLOCK_N), log2 units
+    s = _dot(q, tl.trans(k), PRECISION) * (scale * LOG2E)  # (BLOCK_M, BLOCK_N), log2 units
     keep = _visible(offs_m[:, None], offs_n[None, :], M, diag, 0, 0, False, CAUSAL)
     p = tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)
     return tl.max(tl.max(p, 1), 0)

@@ -479,7 +479,8 @@ def _launch(plain, tuned, grid_rows, grid_cols, args, meta, tile_axis: str):
     """Autotuned launch on CUDA; under the interpreter one fixed small tile (see _config.py).
     `tile_axis` names the tile ("BLOCK_M" or "BLOCK_N") that splits `grid_rows` over programs."""
     if triton_interpreting():
-        tile = interpret_tile()
+        blocks = [meta.get(name, 0) for name in ("SPARSE_Q", "SPARSE_K")]
+        tile = min([interpret_tile()] + [b for b in blocks if b])  # tiles must divide the sparse blocks
         plain[(triton.cdiv(grid_rows, tile), grid_cols)](*args, **meta, BLOCK_M=tile, BLOCK_N=tile)
     else:
         tuned[lambda cfg: (triton.cdiv(grid_rows, cfg[tile_axis]), grid_cols)](*args, **meta)

@@ -42,7 +42,9 @@ def s2(q, k, v, *, causal: bool, scale: float, backend: str, block_size: int = 6
         vert_stride=vert_stride, homo_head=bool(homo_head), num_dense_heads=num_dense_heads,
         head_sliding_offset=head_sliding_offset, causal=causal, device=q.device)
     out, _ = flash_attention(q, k, v, scale=scale, causal=causal, block_mask=block_mask, backend=backend)
-    return (out, block_mask) if return_block_mask else out
+    if return_block_mask:  # a copy: the cached pattern serves every later call of this shape
+        return out, BlockMask(block_mask.mask.clone(), block_mask.block_size)
+    return out
 
 
 def example_kwargs(q, k, v, *, causal):

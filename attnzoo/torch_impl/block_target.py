@@ -40,9 +40,10 @@ def block_max_probs(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, scal
     for start in range(0, M, step):
         stop = min(start + step, M)
         kc = k[:, :, None, start:stop].to(acc_dtype)  # (B, Hk, 1, chunk, D)
-        p = torch.exp(torch.matmul(qg, kc.transpose(-1, -2)) * scale - lse_g)  # (B, Hk, G, N, chunk)
-        if causal:
-            p = p * _causal_keep(N, M, start, stop, q.device)
+        log_p = torch.matmul(qg, kc.transpose(-1, -2)) * scale - lse_g  # (B, Hk, G, N, chunk)
+        if causal:  # mask before exp: a hidden key's exp can overflow, and inf * 0 would be NaN
+            log_p = log_p.masked_fill(~_causal_keep(N, M, start, stop, q.device), -math.inf)
+        p = torch.exp(log_p)
         cols = -(-(stop - start) // block_size) * block_size
         p = F.pad(p, (0, cols - (stop - start), 0, n_qb * block_size - N))  # zeros: probabilities are >= 0
         blocks = p.reshape(B, Hk, Hq // Hk, n_qb, block_size, cols // block_size, block_size)
