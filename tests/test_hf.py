@@ -12,18 +12,10 @@ import attnzoo
 
 transformers = pytest.importorskip("transformers")
 hf = pytest.importorskip("attnzoo.hf")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 VOCAB = 97
 TORCH = {"backend": "torch"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine threads contend badly."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

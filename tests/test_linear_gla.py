@@ -9,13 +9,7 @@ import attnzoo
 from attnzoo.linear import linear_state
 from attnzoo.methods.gla import GLAGate
 from attnzoo.reference import recurrent_linear_attention
-
-FP32_TOL = 2e-5
-BACKENDS = ["triton", "torch"]
-
-
-def rel_err(got, want) -> float:
-    return ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
+from linear_helpers import BACKENDS, FP32_TOL, rel_err
 
 
 def qkvg(B=1, H=2, N=37, D=16, Dv=24, seed=0):

@@ -11,18 +11,7 @@ from attnzoo.linear import linear_state
 from attnzoo.methods import lawcat as lawcat_module
 from attnzoo.methods.lawcat import LAWCATAdapter, causal_depthwise_conv
 from attnzoo.reference import causal_depthwise_conv as loop_conv
-
-FP32_TOL = 2e-5
-BACKENDS = ["triton", "torch"]
-
-
-def rel_err(got, want) -> float:
-    return ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
-
-
-def qkv(B=1, H=2, N=37, D=16, Dv=16, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, H, N, d, generator=gen) for d in (D, D, Dv))
+from linear_helpers import BACKENDS, FP32_TOL, rel_err, qkv
 
 
 def trained_adapter(H=2, D=16, seed=0):

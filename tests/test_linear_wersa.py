@@ -14,18 +14,7 @@ import attnzoo
 from attnzoo.methods import wersa as wersa_module
 from attnzoo.methods.wersa import WERSAGates, haar_dwt, haar_idwt, padded_length, wavelet_filter
 from attnzoo.reference import haar_dwt as loop_dwt
-
-FP32_TOL = 2e-5
-BACKENDS = ["triton", "torch"]
-
-
-def rel_err(got, want) -> float:
-    return ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
-
-
-def qkv(B=1, H=2, N=37, D=16, Dv=16, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, H, N, d, generator=gen) for d in (D, D, Dv))
+from linear_helpers import BACKENDS, FP32_TOL, rel_err, qkv
 
 
 @given(n_log2=st.integers(0, 6), levels=st.integers(0, 4), seed=st.integers(0, 2**31 - 1))
