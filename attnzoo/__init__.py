@@ -5,9 +5,8 @@
 """
 
 from . import masks
-from .api import Method, attention, get
+from .api import Method, attention, get, linear_state
 from .block_mask import BlockMask
-from .linear import linear_state
 from .registry import MethodInfo, info, list_methods, register
 
 __version__ = "0.1.0"

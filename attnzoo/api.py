@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from . import backend as _backend
+from .ops.dispatch import resolve as resolve_backend
 from .registry import REGISTRY, MethodInfo
 from .validation import check_causal, check_qkv, resolve_scale
 
@@ -58,7 +58,7 @@ class Method:
         check_qkv(q, k, v, info=info)
         scale = resolve_scale(scale, q.shape[-1])
         call = {**info.params, **self._bound, **self._split_keywords(kwargs)}
-        resolved = _backend.resolve(backend, q.device, info.supports.backends, info.name)
+        resolved = resolve_backend(backend, q.device, info.supports.backends, info.name)
         return self._fn(q, k, v, causal=causal, scale=scale, backend=resolved, **call)
 
     def __repr__(self) -> str:
@@ -76,3 +76,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, method: str 
               causal: bool | None = None, scale: float | None = None, backend: str = "auto", **params):
     """One-shot form: `attention(q, k, v, method="xattention", causal=True, threshold=0.9)`."""
     return get(method)(q, k, v, causal=causal, scale=scale, backend=backend, **params)
+
+
+def linear_state(name: str):
+    """The decoding step function of linear method `name`: `step(q_t, k_t, v_t, state, **kwargs) ->
+    (o_t, state)`, with q_t (B, H, 1, D). Start from state=None; the state is fp32."""
+    info = REGISTRY.info(name)
+    module = info.load_module()
+    if info.family != "linear" or not hasattr(module, "step"):
+        raise ValueError(f"method {name!r} has no recurrent decoding step (only causal linear methods do)")
+    return module.step

@@ -14,6 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .geometry import block_geometry
+
+__all__ = ["BlockMask", "SparseIndex", "block_geometry"]
+
 
 @dataclass(frozen=True)
 class SparseIndex:
@@ -50,35 +54,6 @@ def _lists(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     counts = selected.sum(dim=-1, dtype=torch.int32)
     order = torch.sort((~selected).to(torch.uint8), dim=-1, stable=True).indices
     return counts.contiguous(), order.to(torch.int32).contiguous()
-
-
-def block_geometry(n: int, m: int, block_q: int, block_k: int, *, causal: bool, window=(-1, -1),
-                   device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which blocks the causal/window mask touches at all, and which it leaves fully visible.
-
-    Returns (any_visible, fully_visible), bool (nQB, nKB). Query i sees key j iff
-    -left <= j - i - (M - N) <= right (bottom-right aligned; causal means right = 0). A block
-    reaching past the last key is never fully visible (its tail needs masking).
-    """
-    left, right = window
-    if causal:
-        right = 0
-    n_qb, n_kb = -(-n // block_q), -(-m // block_k)
-    q_first = torch.arange(n_qb, device=device)[:, None] * block_q
-    q_last = torch.clamp(q_first + block_q, max=n) - 1
-    k_first = torch.arange(n_kb, device=device)[None, :] * block_k
-    k_last_full = k_first + block_k - 1
-    k_last = torch.clamp(k_last_full, max=m - 1)
-    diag = m - n
-    any_visible = torch.ones(n_qb, n_kb, dtype=torch.bool, device=device)
-    fully = any_visible & (k_last_full < m)  # (nQB, nKB)
-    if right >= 0:
-        any_visible &= k_first - q_last - diag <= right
-        fully &= k_last_full - q_first - diag <= right
-    if left >= 0:
-        any_visible &= k_last - q_first - diag >= -left
-        fully &= k_first - q_last - diag >= -left
-    return any_visible, fully & any_visible
 
 
 class BlockMask:

@@ -1,4 +1,4 @@
-"""The `attnzoo` command: `attnzoo list`, `attnzoo check`, `attnzoo bench`."""
+"""The `attnzoo` command: `attnzoo list`, `attnzoo check`, `attnzoo bench`, `attnzoo --version`."""
 
 from __future__ import annotations
 
@@ -31,6 +31,12 @@ def list_table(markdown: bool = False) -> str:
     return "\n".join(lines)
 
 
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
 def _cmd_list(args) -> int:
     print(list_table(markdown=args.markdown))
     return 0
@@ -40,9 +46,9 @@ def _cmd_check(args) -> int:
     from . import check
 
     rows = []
-    for row in check.run(args.methods, args.device, args.seed):
+    for row in check.iter_rows(args.methods, args.device, args.seed):
         rows.append(row)
-        print(f"  checked {row.method}: {row.status}", file=sys.stderr, flush=True)
+        print(check.progress_line(row), file=sys.stderr, flush=True)
     print(check.format_table(rows))
     failed = [r.method for r in rows if r.status.startswith("FAIL")]
     if failed:
@@ -60,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         return bench_main(argv[1:])
 
     parser = argparse.ArgumentParser(prog="attnzoo", description="Sparse, linear and exact attention behind one API.")
+    parser.add_argument("--version", action="version", version=f"attnzoo {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     listing = commands.add_parser("list", help="the registered methods")
     listing.add_argument("--markdown", action="store_true", help="print a Markdown table")

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable, NamedTuple
 import torch
 from torch import nn
 
-from . import api
+from . import api, geometry
 from .registry import REGISTRY
 
 MIN_TRANSFORMERS = (4, 51)
@@ -373,8 +373,8 @@ def key_validity(mask, n: int, m: int, *, causal: bool) -> torch.Tensor | None:
     valid = attend.any(dim=2).any(dim=1)
     expected = valid[:, None, None, :]
     if causal:
-        rows = torch.arange(n, device=mask.device)[:, None] + (m - n)
-        expected = expected & (torch.arange(m, device=mask.device)[None, :] <= rows)
+        rows, cols = torch.arange(n, device=mask.device)[:, None], torch.arange(m, device=mask.device)[None, :]
+        expected = expected & geometry.visible(rows, cols, n, m, geometry.causal_window(True))
     rows_seen = attend.any(dim=-1, keepdim=True)  # fully masked rows are padded queries
     if not ((attend == expected) | ~rows_seen).all():
         raise NotImplementedError(

@@ -11,7 +11,8 @@ import functools
 
 import torch
 
-from .block_mask import BlockMask, _as_pair, block_geometry
+from .block_mask import BlockMask, _as_pair
+from .geometry import block_geometry, diagonal_key_block
 from .validation import check_window
 
 __all__ = ["and_", "causal", "local_strided", "or_", "random", "sliding_window"]
@@ -45,13 +46,6 @@ def _check_positive_int(name: str, value, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return value
-
-
-def diagonal_key_block(n: int, m: int, block_q: int, block_k: int, *, device=None) -> torch.Tensor:
-    """int64 (nQB,): the key block holding the last key that the last query of each query block may
-    see under bottom-right causal alignment (negative when that query sees no key)."""
-    last_query = torch.clamp((torch.arange(-(-n // block_q), device=device) + 1) * block_q, max=n) - 1
-    return torch.div(last_query + (m - n), block_k, rounding_mode="floor")
 
 
 def local_strided(n: int, m: int, block_size: int = 64, *, local_blocks: int = 16, vert_stride: int = 8,

@@ -165,7 +165,7 @@ def test_causal_only_method_defaults_to_causal_and_rejects_non_causal():
 # ---- backends ---------------------------------------------------------------------------------
 
 def test_auto_backend_on_cpu_follows_the_interpreter_flag(monkeypatch):
-    from attnzoo.backend import resolve
+    from attnzoo.ops.dispatch import resolve
 
     cpu = torch.device("cpu")
     monkeypatch.setenv("TRITON_INTERPRET", "1")

@@ -6,8 +6,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attnzoo.block_mask import BlockMask, block_geometry
+from attnzoo.block_mask import BlockMask
+from attnzoo.geometry import block_geometry
 from attnzoo.reference import attention, expand_block_mask, visible_mask
+from attnzoo.reference.blocks import admissible_blocks, fully_visible_blocks
+from pictures import picture
 
 BLOCKS = st.sampled_from([16, 32])
 
@@ -17,17 +20,10 @@ def _random_mask(seed: int, shape, density: float = 0.5) -> torch.Tensor:
 
 
 def _blocks_seen(n, m, block_q, block_k, *, causal, window=(-1, -1)):
-    """Bool (nQB, nKB) from the element mask: blocks holding any visible pair, and blocks where every
-    real query sees every key (a block reaching past the last key is never all visible)."""
-    n_qb, n_kb = -(-n // block_q), -(-m // block_k)
-
-    def tiles(pad_rows: bool):  # (nQB, bq, nKB, bk); padded query rows set to pad_rows, padded keys False
-        seen = torch.zeros(n_qb * block_q, n_kb * block_k, dtype=torch.bool)
-        seen[n:, :m] = pad_rows
-        seen[:n, :m] = visible_mask(n, m, causal=causal, window_size=window)
-        return seen.unflatten(0, (n_qb, block_q)).unflatten(2, (n_kb, block_k))
-
-    return tiles(False).any(3).any(1), tiles(True).all(3).all(1)
+    """Bool (nQB, nKB) read off the element mask: blocks holding any visible pair, and blocks where
+    every real query sees block_k real keys."""
+    return (admissible_blocks(n, m, block_q, block_k, causal=causal, window_size=window),
+            fully_visible_blocks(n, m, block_q, block_k, causal=causal, window_size=window))
 
 
 def _from_lists(counts, indices, cols: int) -> torch.Tensor:
@@ -65,6 +61,19 @@ def test_block_geometry_matches_the_element_mask(n, m, block_q, block_k, causal,
     want_any, want_all = _blocks_seen(n, m, block_q, block_k, causal=causal, window=(left, right))
     assert torch.equal(any_visible, want_any)
     assert torch.equal(fully, want_all)
+
+
+def test_sparse_index_by_hand():
+    """Causal, 3 x 3 blocks of 16 over N = M = 48, mask below: the diagonal blocks need the element
+    mask (partial), the blocks under the diagonal do not (full), the block above it is never listed."""
+    mask = picture("""
+        ##.
+        .##
+        #.#""")
+    index = BlockMask(mask, 16).sparse_index(48, 48, causal=True)
+    assert torch.equal(_from_lists(index.kv_count_full, index.kv_index_full, 3)[0, 0], picture("...\n...\n#.."))
+    assert torch.equal(_from_lists(index.kv_count_part, index.kv_index_part, 3)[0, 0], picture("#..\n.#.\n..#"))
+    assert torch.equal(_from_lists(index.q_count_part, index.q_index_part, 3)[0, 0], picture("#..\n.#.\n..#"))
 
 
 def test_density_to_dense_and_repr():

@@ -10,6 +10,7 @@ import attnzoo
 from attnzoo import masks
 from attnzoo.block_mask import BlockMask
 from attnzoo.reference import attention, expand_block_mask
+from pictures import picture
 
 BACKENDS = st.sampled_from(["triton", "torch"])
 
@@ -111,6 +112,23 @@ def test_gradients_equal_the_masked_reference(p, density, causal, backend):
                                grad_out.double())
     for g, w in zip(got, want):
         torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_a_mask_drawn_by_hand(backend):
+    """Blocks of 16 over N = M = 48: each query block attends to exactly the keys of its kept key
+    blocks, so its rows equal plain attention over those keys alone."""
+    q, k, v = (torch.randn(1, 1, 48, 16, generator=torch.Generator().manual_seed(s)) for s in range(3))
+    blocks = picture("""
+        #..
+        .##
+        #.#""")
+    out = attnzoo.get("block_sparse", block_mask=blocks[None, None], block_size=16)(q, k, v, backend=backend)
+    for row, keys in [(slice(0, 16), [range(0, 16)]), (slice(16, 32), [range(16, 48)]),
+                      (slice(32, 48), [range(0, 16), range(32, 48)])]:
+        cols = torch.tensor([j for span in keys for j in span])
+        want = attention(q[:, :, row].double(), k[:, :, cols].double(), v[:, :, cols].double())
+        torch.testing.assert_close(out[:, :, row].double(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_masks_helpers_feed_the_method():

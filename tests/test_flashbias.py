@@ -8,9 +8,10 @@ from hypothesis import strategies as st
 
 import attnzoo
 from attnzoo.methods.flashbias import (
-    alibi_factors, distance_factors, explicit_bias, relative_position_bias, relative_position_factors, svd_factors,
+    alibi_factors, distance_factors, relative_position_bias, relative_position_factors, svd_factors,
 )
-from attnzoo.reference import attention
+from attnzoo.reference import attention, exact_output
+from attnzoo.reference import flashbias as oracle
 
 BACKENDS = st.sampled_from(["triton", "torch"])
 
@@ -63,8 +64,8 @@ def test_factors_match_biased_reference_with_gradients(shape, rank, u_batch, u_h
     out = attnzoo.get("flashbias")(q, k, v, causal=causal, scale=scale, bias_factors=(u, w), backend=backend)
 
     q64, k64, v64, u64, w64 = doubles(*leaves)
-    bias = explicit_bias(q64, k64, causal=causal, bias_factors=(u64, w64))
-    expected = attention(q64, k64, v64, causal=causal, scale=scale, bias=bias)
+    expected = exact_output("flashbias", q64, k64, v64, causal=causal, scale=scale, params={"rank": None},
+                            inputs={"bias_factors": (u64, w64)})
     assert_close(out, expected)
 
     grad_out = torch.randn(out.shape, generator=gen)
@@ -194,11 +195,14 @@ def test_distance_factors_reproduce_squared_distances(n, m, channels, seed):
 def test_relative_position_factors_reproduce_the_table_bias(n, m, seed):
     table = torch.randn(2, n + m - 1, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     bias = relative_position_bias(table, n, m)
-    for i, j in [(0, 0), (n - 1, m - 1), (n - 1, 0), (0, m - 1)]:
-        assert torch.equal(bias[:, i, j], table[:, j - i - (m - n) + m - 1])
+    assert torch.equal(bias, oracle.relative_position_bias(table, n, m))
+    # the table is indexed by offset + M - 1, offsets -(M - 1) .. N - 1 (query i sits at key i + M - N):
+    assert torch.equal(bias[:, n - 1, m - 1], table[:, m - 1])  # last query, last key: offset 0
+    assert torch.equal(bias[:, n - 1, 0], table[:, 0])  # last query, first key: offset -(M - 1)
+    assert torch.equal(bias[:, 0, m - 1], table[:, n + m - 2])  # first query, last key: offset N - 1
     u, w, kept = relative_position_factors(table, n, m, rank=min(n, m))
     assert u.shape == (1, 2, n, min(n, m)) and kept == pytest.approx(1.0)
-    torch.testing.assert_close(u @ w.transpose(-1, -2), bias[None])
+    torch.testing.assert_close(u @ w.transpose(-1, -2), oracle.relative_position_bias(table, n, m)[None])
 
 
 @given(shape=shapes(max_len=24), seed=st.integers(0, 2**31 - 1))

@@ -1,5 +1,6 @@
-"""The flash kernels compile for real GPUs (sm_80, sm_90) in every variant the launchers use.
-(One child process compiles them all; see cuda_compile.py for why.)"""
+"""The flash kernels (with their span / listed / tile helpers) and the block-target kernel compile
+for real GPUs (sm_80, sm_90) in every variant the launchers use. (One child process per test compiles
+them; see cuda_compile.py for why.)"""
 
 from attnzoo.kernels import flash
 from attnzoo.kernels._config import prune_for_sparse
@@ -11,12 +12,15 @@ TENSORS = {
     "_flash_dq_kernel": ("Q", "K", "V", "DO", "DQ", "LSE", "DELTA"),
     "_flash_dkdv_kernel": ("Q", "K", "V", "DO", "DK", "DV_OUT", "LSE", "DELTA"),
 }
-VARIANTS = [  # together they cover every constexpr branch: dense/sparse, masks, softcap, each dtype, both archs
+VARIANTS = [  # together they cover every constexpr branch: each kernel dense (span helpers) and sparse
+    # (listed helpers), masks, softcap, each dtype, both archs
     # kernel, dtype, sparse, causal, window, softcap, tiles (m, n), head dim, arch
     ("_flash_fwd_kernel", "*bf16", False, True, False, False, (128, 64), 128, 90),
     ("_flash_fwd_kernel", "*fp32", True, False, True, True, (32, 32), 64, 80),
     ("_flash_dq_kernel", "*fp16", True, True, False, False, (64, 64), 64, 90),
+    ("_flash_dq_kernel", "*bf16", False, False, True, True, (64, 32), 64, 80),
     ("_flash_dkdv_kernel", "*bf16", False, False, True, True, (32, 64), 64, 80),
+    ("_flash_dkdv_kernel", "*fp16", True, True, False, False, (64, 128), 128, 90),
 ]
 
 
@@ -30,14 +34,27 @@ def _job(kernel, dtype, sparse, causal, window, softcap, tiles, head_dim, arch):
                 constexprs=meta, arch=arch, num_warps=4)
 
 
+def _compile_all(jobs):
+    result = compile_in_subprocess(jobs)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("ok ") == len(jobs), result.stdout
+
+
 def test_flash_kernels_compile_for_sm80_and_sm90():
     jobs = [_job(*variant) for variant in VARIANTS]
     jobs.append(dict(kernel="attnzoo.kernels.flash:_delta_kernel",
                      pointers={"O": "*bf16", "DO": "*bf16", "DELTA": "*fp32"},
                      constexprs=dict(BLOCK_M=64, BLOCK_DV=128)))
-    result = compile_in_subprocess(jobs)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.count("ok ") == len(jobs), result.stdout
+    _compile_all(jobs)
+
+
+def test_block_target_kernel_compiles_for_sm80_and_sm90():
+    _compile_all([dict(kernel="attnzoo.kernels.block_target:_block_target_kernel",
+                       pointers={"Q": dtype, "K": dtype, "LSE": "*fp32", "OUT": "*fp32"}, floats=["scale"],
+                       constexprs=dict(CAUSAL=causal, BLOCK=128, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64,
+                                       PRECISION="ieee" if dtype == "*fp32" else "tf32"),
+                       arch=arch, num_warps=4)
+                  for dtype, causal, arch in [("*bf16", True, 90), ("*fp32", False, 80)]])
 
 
 def test_every_autotune_config_set_divides_into_sparse_blocks():

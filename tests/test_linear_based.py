@@ -5,16 +5,23 @@ import functools
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import attnzoo
-from attnzoo.linear import linear_state
-from attnzoo.methods import based as based_module
+from attnzoo import linear_state
 from attnzoo.methods.based import taylor_feature_map
-from attnzoo.reference import taylor_features
+from attnzoo.reference import exact_output, taylor_features
 from linear_helpers import BACKENDS, FP32_TOL, rel_err
 from linear_helpers import qkv as shared_qkv
 
 qkv = functools.partial(shared_qkv, D=4)  # BASED is meant for small q/k dims
+
+
+def _exact(q, k, v, *, causal, scale, use_norm=True, eps=1e-6):
+    """sum_s (1 + s + s^2/2) v_s / (sum_s (1 + s + s^2/2) + eps), s = scale q_t . k_s (attnzoo.reference.based)."""
+    return exact_output("based", q, k, v, causal=causal, scale=scale, params={"use_norm": use_norm, "eps": eps},
+                        inputs={})
 
 
 def test_taylor_identity():
@@ -40,13 +47,23 @@ def test_matches_float64_reference_with_gradients(backend, causal, use_norm):
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     ref_leaves = [x.double().requires_grad_() for x in (q, k, v)]
     out = fn(*leaves, causal=causal, scale=scale, backend=backend)
-    want = based_module.reference(*ref_leaves, causal=causal, scale=scale, use_norm=use_norm)
+    want = _exact(*ref_leaves, causal=causal, scale=scale, use_norm=use_norm)
     assert out.dtype == torch.float32 and rel_err(out, want) < FP32_TOL
     weight = torch.randn(want.shape, dtype=torch.float64)
     (out.double() * weight).sum().backward()
     (want * weight).sum().backward()
     for a, b in zip(leaves, ref_leaves):
         assert rel_err(a.grad, b.grad) < FP32_TOL
+
+
+@given(batch=st.integers(1, 2), heads=st.integers(1, 2), n=st.integers(1, 40), d=st.sampled_from([2, 4, 8]),
+       dv=st.sampled_from([16, 24]), causal=st.booleans(), use_norm=st.booleans(), scale=st.floats(0.1, 1.0),
+       backend=st.sampled_from(BACKENDS), seed=st.integers(0, 2**31 - 1))
+@settings()
+def test_equals_the_oracle(batch, heads, n, d, dv, causal, use_norm, scale, backend, seed):
+    q, k, v = shared_qkv(B=batch, H=heads, N=n, D=d, Dv=dv, seed=seed)
+    out = attnzoo.get("based", use_norm=use_norm, chunk_size=16)(q, k, v, causal=causal, scale=scale, backend=backend)
+    assert rel_err(out, _exact(q, k, v, causal=causal, scale=scale, use_norm=use_norm), floor=1.0) < FP32_TOL
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

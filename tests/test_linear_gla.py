@@ -4,11 +4,13 @@ carry, causality, gradients incl. dg and GLAGate's parameters, decoding steps)."
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import attnzoo
-from attnzoo.linear import linear_state
+from attnzoo import linear_state
 from attnzoo.methods.gla import GLAGate
-from attnzoo.reference import recurrent_linear_attention
+from attnzoo.reference import exact_output, recurrent_linear_attention
 from linear_helpers import BACKENDS, FP32_TOL, rel_err
 
 
@@ -30,6 +32,20 @@ def test_matches_reference_with_state_in_and_out(backend):
                                                      scale=16 ** -0.5, initial_state=h0.double())
     assert out.dtype == q.dtype and final.dtype == torch.float32
     assert rel_err(out, want) < FP32_TOL and rel_err(final, want_final) < FP32_TOL
+
+
+@given(batch=st.integers(1, 2), heads=st.integers(1, 2), n=st.integers(1, 40), d=st.sampled_from([16, 32]),
+       dv=st.sampled_from([16, 24]), gated=st.booleans(), with_state=st.booleans(), scale=st.floats(0.1, 1.0),
+       backend=st.sampled_from(BACKENDS), seed=st.integers(0, 2**31 - 1))
+@settings()
+def test_equals_the_oracle(batch, heads, n, d, dv, gated, with_state, scale, backend, seed):
+    q, k, v, g = qkvg(batch, heads, n, d, dv, seed=seed)
+    inputs = {"g": g if gated else None,
+              "initial_state": torch.randn(batch, heads, d, dv, generator=torch.Generator().manual_seed(seed + 1))
+              if with_state else None}
+    out = attnzoo.get("gla", chunk_size=16)(q, k, v, causal=True, scale=scale, backend=backend, **inputs)
+    want = exact_output("gla", q, k, v, causal=True, scale=scale, params={"chunk_size": 16}, inputs=inputs)
+    assert rel_err(out, want, floor=1.0) < FP32_TOL
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attnzoo.linear import linear_attention, linear_state
+from attnzoo import linear_state
+from attnzoo.ops.linear import linear_attention
 from attnzoo.reference import recurrent_linear_attention
 
 FP32_TOL = 2e-5

@@ -5,13 +5,22 @@ parameters, and decoding steps (with the conv windows) == the full call."""
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import attnzoo
-from attnzoo.linear import linear_state
+from attnzoo import linear_state
 from attnzoo.methods import lawcat as lawcat_module
 from attnzoo.methods.lawcat import LAWCATAdapter, causal_depthwise_conv
-from attnzoo.reference import causal_depthwise_conv as loop_conv
+from attnzoo.reference import exact_output
+from attnzoo.reference.lawcat import causal_depthwise_conv as loop_conv
 from linear_helpers import BACKENDS, FP32_TOL, rel_err, qkv
+
+
+def _exact(q, k, v, *, feature_map="elu1", **inputs):
+    """The token-by-token normalised gated recurrence on conv'd features (attnzoo.reference.lawcat)."""
+    return exact_output("lawcat", q, k, v, causal=True, scale=q.shape[-1] ** -0.5,
+                        params={"feature_map": feature_map, "eps": 1e-6}, inputs=inputs)
 
 
 def trained_adapter(H=2, D=16, seed=0):
@@ -65,12 +74,29 @@ def test_matches_reference_with_adapter_gradients(backend):
 
     out, got = grads(torch.float32, lambda q, k, v, **kw: attnzoo.get("lawcat", chunk_size=16)(
         q, k, v, causal=True, backend=backend, **kw))
-    want_out, want = grads(torch.float64, lambda q, k, v, **kw: lawcat_module.reference(
-        q, k, v, causal=True, scale=1.0, **kw))
+    want_out, want = grads(torch.float64, lambda q, k, v, **kw: _exact(q, k, v, **kw))
     assert rel_err(out, want_out) < FP32_TOL
     assert len(got) == 3 + 4  # dq, dk, dv, conv_q, conv_k, gate weight, gate bias
     for a, b in zip(got, want):
         assert rel_err(a, b) < 1e-4  # conv + ELU in fp32 add rounding before the kernel
+
+
+@given(batch=st.integers(1, 2), heads=st.integers(1, 2), n=st.integers(1, 40), taps=st.integers(1, 4),
+       gate=st.sampled_from([None, "head", "channel"]), feature_map=st.sampled_from(["elu1", "relu"]),
+       backend=st.sampled_from(BACKENDS), seed=st.integers(0, 2**31 - 1))
+@settings()
+def test_equals_the_oracle(batch, heads, n, taps, gate, feature_map, backend, seed):
+    q, k, v = qkv(B=batch, H=heads, N=n, seed=seed)
+    if feature_map == "relu":  # keep every row's normaliser away from 0: relu features of |x| + 0.1
+        q, k = q.abs() + 0.1, k.abs() + 0.1
+    gen = torch.Generator().manual_seed(seed + 1)
+    inputs = {"conv_q": torch.rand(heads, 16, taps, generator=gen), "conv_k": torch.rand(heads, 16, taps, generator=gen)}
+    if gate is not None:
+        shape = (batch, heads, n) if gate == "head" else (batch, heads, n, 16)
+        inputs["g"] = F.logsigmoid(torch.randn(shape, generator=gen) + 2)
+    out = attnzoo.get("lawcat", chunk_size=16, feature_map=feature_map)(q, k, v, causal=True, backend=backend,
+                                                                        **inputs)
+    assert rel_err(out, _exact(q, k, v, feature_map=feature_map, **inputs), floor=1.0) < FP32_TOL
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -13,8 +13,16 @@ from hypothesis import strategies as st
 import attnzoo
 from attnzoo.methods import wersa as wersa_module
 from attnzoo.methods.wersa import WERSAGates, haar_dwt, haar_idwt, padded_length, wavelet_filter
-from attnzoo.reference import haar_dwt as loop_dwt
+from attnzoo.reference import exact_output
+from attnzoo.reference import wersa as oracle
 from linear_helpers import BACKENDS, FP32_TOL, rel_err, qkv
+
+PARAMS = {"levels": 2, "num_features": 256, "gains": None, "bandwidth": 1.0, "seed": 0}  # the registry's defaults
+
+
+def _exact(q, k, v, **params):
+    return exact_output("wersa", q, k, v, causal=False, scale=q.shape[-1] ** -0.5, params={**PARAMS, **params},
+                        inputs={})
 
 
 @given(n_log2=st.integers(0, 6), levels=st.integers(0, 4), seed=st.integers(0, 2**31 - 1))
@@ -27,8 +35,23 @@ def test_haar_is_orthonormal_and_invertible(n_log2, levels, seed):
     assert (haar_idwt(bands) - x).abs().max() < 1e-12
     energy = sum(b.square().sum() for b in bands)
     assert abs(energy - x.square().sum()) < 1e-10 * x.square().sum()  # Parseval
-    for fast, loop in zip(bands, loop_dwt(x, levels)):
+    for fast, loop in zip(bands, oracle.haar_dwt(x, levels)):
         assert (fast - loop).abs().max() < 1e-12
+    assert (haar_idwt(bands) - oracle.haar_idwt(bands)).abs().max() < 1e-12
+    assert padded_length(2 ** n_log2, levels) == max(2 ** n_log2, 2 ** levels)
+
+
+@given(n=st.integers(1, 40), levels=st.integers(0, 3), per_token=st.booleans(), batch=st.integers(1, 2),
+       seed=st.integers(0, 2**31 - 1))
+@settings()
+def test_filter_equals_its_definition(n, levels, per_token, batch, seed):
+    """IDWT(gains * DWT(gelu(x))) against attnzoo.reference.wersa (Haar by loops; coefficient i of a
+    band of band_len coefficients takes the gain of token floor(i * N / band_len))."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 2, n, 3, generator=gen, dtype=torch.float64)
+    shape = (batch, n, levels + 1) if per_token else (levels + 1,)
+    gains = torch.rand(shape, generator=gen, dtype=torch.float64) * 2
+    assert (wavelet_filter(x, levels, gains) - oracle.wavelet_filter(x, levels, gains)).abs().max() < 1e-12
 
 
 def test_band_gains_act_linearly():
@@ -49,7 +72,7 @@ def test_unit_gains_are_random_feature_attention(backend):
     q, k, v = qkv(seed=1)
     m, bandwidth = 32, 1.7
     out = attnzoo.get("wersa", num_features=m, bandwidth=bandwidth, chunk_size=16)(q, k, v, backend=backend)
-    omega = wersa_module.wersa_omega(16, m, 0, dtype=torch.float64)
+    omega = oracle.omega(16, m, 0)  # standard Gaussian from torch.Generator().manual_seed(0)
     phi_q, phi_k = (torch.relu(F.gelu(x.double()) @ omega / bandwidth) / math.sqrt(m) for x in (q, k))
     scores = phi_q @ phi_k.transpose(-1, -2)
     assert rel_err(out, scores @ v.double() / (scores.sum(-1, keepdim=True) + 1e-6)) < FP32_TOL
@@ -66,13 +89,26 @@ def test_matches_quadratic_reference_with_gradients(backend, gain_shape):
     leaves = [x.clone().requires_grad_() for x in (q, k, v, gains)]
     ref_leaves = [x.double().requires_grad_() for x in (q, k, v, gains)]
     out = attnzoo.get("wersa", chunk_size=16, **params)(*leaves[:3], gains=leaves[3], backend=backend)
-    want = wersa_module.reference(*ref_leaves[:3], gains=ref_leaves[3], causal=False, scale=1.0, **params)
+    want = _exact(*ref_leaves[:3], gains=ref_leaves[3], **params)
     assert rel_err(out, want) < FP32_TOL
     weight = torch.randn(want.shape, dtype=torch.float64)
     (out.double() * weight).sum().backward()
     (want * weight).sum().backward()
     for a, b in zip(leaves, ref_leaves):
         assert rel_err(a.grad, b.grad) < 1e-4  # gelu/relu features in fp32 add rounding before the kernel
+
+
+@given(batch=st.integers(1, 2), heads=st.integers(1, 2), n=st.integers(1, 40), dv=st.sampled_from([16, 24]),
+       levels=st.integers(0, 3), per_token=st.booleans(), features=st.sampled_from([16, 64]),
+       bandwidth=st.floats(0.5, 2.0), backend=st.sampled_from(BACKENDS), seed=st.integers(0, 2**31 - 1))
+@settings()
+def test_equals_the_oracle(batch, heads, n, dv, levels, per_token, features, bandwidth, backend, seed):
+    q, k, v = qkv(B=batch, H=heads, N=n, D=16, Dv=dv, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    gains = torch.rand((batch, n, levels + 1) if per_token else (levels + 1,), generator=gen) + 0.25
+    params = dict(levels=levels, num_features=features, bandwidth=bandwidth, seed=seed % 7)
+    out = attnzoo.get("wersa", chunk_size=16, **params)(q, k, v, gains=gains, backend=backend)
+    assert rel_err(out, _exact(q, k, v, gains=gains, **params), floor=1.0) < FP32_TOL  # N = 1 may give 0
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -118,4 +154,4 @@ def test_invalid_calls_raise_and_say_why():
     with pytest.raises(ValueError, match="levels"):
         attnzoo.get("wersa", levels=-1)(q, k, v)
     with pytest.raises(ValueError, match="decoding step"):
-        attnzoo.linear.linear_state("wersa")
+        attnzoo.linear_state("wersa")

@@ -1,4 +1,5 @@
-"""attnzoo.masks: each builder against its definition, written independently here."""
+"""attnzoo.masks: each builder against its definition, read off the element mask or written out in
+attnzoo.reference (s2), and small cases drawn by hand."""
 
 import math
 
@@ -10,17 +11,12 @@ from hypothesis import strategies as st
 from attnzoo import masks
 from attnzoo.block_mask import BlockMask
 from attnzoo.reference import visible_mask
+from attnzoo.reference.blocks import admissible_blocks, blocks_touched
+from attnzoo.reference.s2 import kv_head_pattern
+from pictures import draw, picture
 
 BLOCKS = st.sampled_from([16, 32])
 LENGTHS = st.integers(1, 150)
-
-
-def _blocks_touched(n, m, block_q, block_k, keep: torch.Tensor) -> torch.Tensor:
-    """Bool (nQB, nKB): blocks of the element mask keep (N, M) holding any True."""
-    n_qb, n_kb = -(-n // block_q), -(-m // block_k)
-    padded = torch.zeros(n_qb * block_q, n_kb * block_k, dtype=torch.bool)
-    padded[:n, :m] = keep
-    return padded.unflatten(0, (n_qb, block_q)).unflatten(2, (n_kb, block_k)).any(3).any(1)
 
 
 @given(n=LENGTHS, m=LENGTHS, block_q=BLOCKS, block_k=BLOCKS)
@@ -28,30 +24,42 @@ def _blocks_touched(n, m, block_q, block_k, keep: torch.Tensor) -> torch.Tensor:
 def test_causal_keeps_the_blocks_causal_attention_touches(n, m, block_q, block_k):
     block_mask = masks.causal(n, m, (block_q, block_k))
     assert block_mask.block_size == (block_q, block_k)
-    want = _blocks_touched(n, m, block_q, block_k, visible_mask(n, m, causal=True))
+    want = blocks_touched(visible_mask(n, m, causal=True), block_q, block_k)
     assert torch.equal(block_mask.to_dense()[0, 0], want)
+
+
+@pytest.mark.parametrize("n, m, block_size, want", [
+    (64, 64, 16, "#...\n##..\n###.\n####"),
+    (32, 64, 16, "###.\n####"),   # queries at i + 32: the first query block reaches key 47
+    (64, 32, 16, "..\n..\n#.\n##"),  # the first 32 queries see no key
+    (40, 40, 16, "#..\n##.\n###"),   # ragged last blocks
+    (64, 64, (16, 32), "#.\n#.\n##\n##"),
+], ids=["square", "N<M", "N>M", "ragged", "16x32"])
+def test_causal_by_hand(n, m, block_size, want):
+    got = masks.causal(n, m, block_size).to_dense()[0, 0]
+    assert torch.equal(got, picture(want)), draw(got)
+
+
+def test_sliding_window_by_hand():
+    """A causal window of 20 keys (left 20, right 0) over 6 blocks of 16: query block i touches key
+    blocks i - 2 .. i (its first query reaches back 20 keys, past one block boundary)."""
+    got = masks.sliding_window(96, 96, (20, 0), 16).to_dense()[0, 0]
+    want = picture("""
+        #.....
+        ##....
+        ###...
+        .###..
+        ..###.
+        ...###""")
+    assert torch.equal(got, want), draw(got)
 
 
 @given(n=LENGTHS, m=LENGTHS, block=BLOCKS, left=st.integers(-1, 80), right=st.integers(-1, 80))
 @settings()
 def test_sliding_window_keeps_the_blocks_the_window_touches(n, m, block, left, right):
     block_mask = masks.sliding_window(n, m, (left, right), block)
-    want = _blocks_touched(n, m, block, block, visible_mask(n, m, window_size=(left, right)))
+    want = blocks_touched(visible_mask(n, m, window_size=(left, right)), block, block)
     assert torch.equal(block_mask.to_dense()[0, 0], want)
-
-
-def _s2_definition(n_qb, n_kb, diag, head, step, *, local, stride, offset, causal):
-    """One head's S2 pattern by loops over blocks (diag[i] = diagonal key block of query block i)."""
-    keep = torch.zeros(n_qb, n_kb, dtype=torch.bool)
-    for i in range(n_qb):
-        d = diag[i]
-        for j in range(n_kb):
-            if causal:
-                keep[i, j] = j <= d and (d - j < local or (j + head * step + offset) % stride == 0)
-            else:
-                outside = max(0, d - j - local + 1) + max(0, j - d - local + 1)
-                keep[i, j] = outside % stride == 0
-    return keep
 
 
 S2_ARGS = {"n": st.integers(1, 200), "m": st.integers(1, 200), "block": BLOCKS, "local": st.integers(1, 4),
@@ -65,15 +73,9 @@ def test_local_strided_matches_its_definition(n, m, block, local, stride, heads,
     dense = min(dense, heads)
     got = masks.local_strided(n, m, block, local_blocks=local, vert_stride=stride, heads=heads, causal=causal,
                               num_dense_heads=dense, head_sliding_offset=offset).to_dense()[0]
-    n_qb, n_kb = -(-n // block), -(-m // block)
-    diag = [(min((i + 1) * block, n) - 1 + m - n) // block for i in range(n_qb)]
-    step = max(1, stride // heads)
     for h in range(heads):
-        if h >= heads - dense:
-            want = torch.tensor([[not causal or j <= diag[i] for j in range(n_kb)] for i in range(n_qb)])
-        else:
-            want = _s2_definition(n_qb, n_kb, diag, h, step, local=local, stride=stride, offset=offset,
-                                  causal=causal)
+        want = kv_head_pattern(n, m, h, kv_heads=heads, block_size=block, local_blocks=local, vert_stride=stride,
+                               num_dense_heads=dense, head_sliding_offset=offset, causal=causal)
         assert torch.equal(got[h], want), h
 
 
@@ -97,14 +99,16 @@ def test_local_strided_heads_cover_every_causal_block(n, block, local, stride, e
     """With at least vert_stride heads (step 1), every residue is some head's stride phase."""
     heads = stride + extra
     got = masks.local_strided(n, n, block, local_blocks=local, vert_stride=stride, heads=heads).to_dense()[0]
-    assert torch.equal(got.any(0), masks.causal(n, n, block).to_dense()[0, 0])
+    n_blocks = -(-n // block)
+    assert torch.equal(got.any(0), torch.ones(n_blocks, n_blocks, dtype=torch.bool).tril())  # every j <= i
 
 
 @given(n=st.integers(1, 300), block=BLOCKS, local=st.integers(1, 3), stride=st.integers(1, 6),
        heads=st.integers(1, 4), longer=st.integers(0, 200))
 @settings()
 def test_local_strided_special_cases(n, block, local, stride, heads, longer):
-    causal_blocks = masks.causal(n, n, block).to_dense()[0, 0]
+    n_blocks = -(-n // block)
+    causal_blocks = torch.ones(n_blocks, n_blocks, dtype=torch.bool).tril()  # N = M: key block j <= query block i
     dense = masks.local_strided(n, n, block, local_blocks=local, vert_stride=1, heads=heads).to_dense()[0]
     assert torch.equal(dense, causal_blocks.expand_as(dense))
     homo = masks.local_strided(n, n, block, local_blocks=local, vert_stride=stride, heads=heads,
@@ -133,7 +137,7 @@ def test_local_strided_rejects_bad_arguments(kwargs, match):
 def test_random_keeps_the_asked_share_of_admissible_blocks(seed, n, m, block, density, causal, batch, heads):
     got = masks.random(n, m, density, block, batch=batch, heads=heads, seed=seed, causal=causal)
     assert got.shape == (batch, heads, -(-n // block), -(-m // block))
-    admissible = masks.causal(n, m, block).to_dense()[0, 0] if causal else torch.ones(got.shape[2:], dtype=torch.bool)
+    admissible = admissible_blocks(n, m, block, block, causal=causal)
     assert not (got.to_dense() & ~admissible).any()
     want = torch.tensor([math.floor(a * density + 0.5) for a in admissible.sum(-1).tolist()])
     assert torch.equal(got.to_dense().sum(-1), want.expand(batch, heads, -1))

@@ -1,6 +1,7 @@
-"""s2: the per-head local + vertical-stride pattern through the method (GQA sharing, dense heads,
-cache), and forward / backward against the float64 reference masked with the returned pattern.
-The pattern's own definition, row counts and head coverage are tested in test_masks.py."""
+"""s2: the per-head local + vertical-stride pattern through the method against the rule written out
+(attnzoo.reference.s2) and drawn by hand (GQA sharing, dense heads, cache), and forward / backward
+against the float64 reference masked with the returned pattern. masks.local_strided's own row counts
+and head coverage are tested in test_masks.py."""
 
 import pytest
 import torch
@@ -8,9 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attnzoo
-from attnzoo import masks
 from attnzoo.methods.s2 import s2_block_mask
 from attnzoo.reference import attention, expand_block_mask
+from attnzoo.reference.s2 import s2_pattern
+from pictures import draw, picture
 
 BACKENDS = st.sampled_from(["triton", "torch"])
 
@@ -49,9 +51,8 @@ def test_forward_equals_the_masked_reference_with_the_kv_head_pattern(c, causal,
     q, k, v = _inputs(c)
     out, block_mask = attnzoo.get("s2", **c["params"])(q, k, v, causal=causal, backend=backend,
                                                        return_block_mask=True)
-    per_kv_head = masks.local_strided(c["n"], c["m"], heads=c["kv_heads"], causal=causal, **c["params"]).to_dense()
-    group = c["q_heads"] // c["kv_heads"]
-    assert torch.equal(block_mask.to_dense(), per_kv_head.repeat_interleave(group, dim=1))
+    want = s2_pattern(c["n"], c["m"], c["q_heads"], c["kv_heads"], causal=causal, **c["params"])
+    assert torch.equal(block_mask.to_dense(), want)
     ref = _reference(q.double(), k.double(), v.double(), block_mask.to_dense(), c, causal)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
@@ -108,11 +109,73 @@ def test_pattern_is_cached_per_shape_and_dense_heads_are_the_last_kv_heads():
                            num_dense_heads=1, head_sliding_offset=0, causal=True, device=q.device)
     assert s2_block_mask.cache_info().hits >= 2 and again is not cached
     assert torch.equal(again.to_dense(), cached.to_dense()) and again.to_dense().any()
-    first = again
-    blocks = first.to_dense()[0]
-    causal_blocks = masks.causal(96, 96, 16).to_dense()[0, 0]
-    assert torch.equal(blocks[2], causal_blocks) and torch.equal(blocks[3], causal_blocks)
-    assert (blocks[0].sum() < causal_blocks.sum()) and torch.equal(blocks[0], blocks[1])
+    blocks = again.to_dense()[0]
+    # kv head 1 (query heads 2, 3) is dense: every causal block; kv head 0 (query heads 0, 1) keeps the
+    # diagonal block and every key block j with j % 3 == 0 (step = max(1, 3 // 2) = 1, phase 0)
+    dense = picture("""
+        #.....
+        ##....
+        ###...
+        ####..
+        #####.
+        ######""")
+    sparse = picture("""
+        #.....
+        ##....
+        #.#...
+        #..#..
+        #..##.
+        #..#.#""")
+    for head, want in enumerate([sparse, sparse, dense, dense]):
+        assert torch.equal(blocks[head], want), (head, draw(blocks[head]))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_local_band_and_vertical_stride_by_hand(backend):
+    """Causal, one head, 6 blocks of 16: key block j is kept for query block i iff j <= i and
+    (i - j < 2 or j % 3 == 0)."""
+    q, k, v = (torch.randn(1, 1, 96, 16, generator=torch.Generator().manual_seed(s)) for s in range(3))
+    _, block_mask = attnzoo.get("s2", block_size=16, local_blocks=2, vert_stride=3)(
+        q, k, v, causal=True, backend=backend, return_block_mask=True)
+    want = picture("""
+        #.....
+        ##....
+        ###...
+        #.##..
+        #..##.
+        #..###""")
+    assert torch.equal(block_mask.to_dense()[0, 0], want), draw(block_mask.to_dense()[0, 0])
+
+
+def test_eight_heads_with_vertical_stride_eight_shift_the_stride_one_block_each():
+    """vert_stride 8, 8 kv heads, local 1: step = 8 // 8 = 1, so head h keeps, besides the diagonal
+    block, key block j iff (j + h) % 8 == 0 (j <= i); together the heads cover every causal block."""
+    n_blocks = 12
+    q = torch.randn(1, 8, 16 * n_blocks, 16)
+    _, block_mask = attnzoo.get("s2", block_size=16, local_blocks=1, vert_stride=8)(
+        q, q, q, causal=True, backend="torch", return_block_mask=True)
+    blocks = block_mask.to_dense()[0]
+    for h in range(8):
+        for i in range(n_blocks):
+            for j in range(n_blocks):
+                assert bool(blocks[h, i, j]) == (j <= i and (j == i or (j + h) % 8 == 0)), (h, i, j)
+    assert torch.equal(blocks.any(0), torch.ones(n_blocks, n_blocks, dtype=torch.bool).tril())
+
+
+def test_non_causal_pattern_by_hand():
+    """Non-causal, local 1, vert_stride 2: a block is kept iff its distance outside the diagonal block
+    is even, the same for every head."""
+    q = torch.randn(1, 2, 80, 16)
+    _, block_mask = attnzoo.get("s2", block_size=16, local_blocks=1, vert_stride=2)(
+        q, q, q, causal=False, backend="torch", return_block_mask=True)
+    want = picture("""
+        #.#.#
+        .#.#.
+        #.#.#
+        .#.#.
+        #.#.#""")
+    for head in range(2):
+        assert torch.equal(block_mask.to_dense()[0, head], want), draw(block_mask.to_dense()[0, head])
 
 
 @pytest.mark.parametrize("params, match", [

@@ -12,10 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attnzoo
-from attnzoo.methods.seerattention import (
-    AttnGate, block_attention_target, diagonal_blocks, gate_loss, select_blocks,
-)
+from attnzoo.methods.seerattention import AttnGate, block_attention_target, gate_loss, select_blocks
 from attnzoo.reference import attention, expand_block_mask, visible_mask
+from attnzoo.reference import seerattention as oracle
+from attnzoo.reference.blocks import admissible_blocks as _admissible
+from pictures import draw, picture
 
 BACKENDS = st.sampled_from(["triton", "torch"])
 SEEDS = st.integers(0, 2**31 - 1)
@@ -54,19 +55,13 @@ def assert_close(actual, expected, rtol=1e-5):
 
 
 def admissible_blocks(n, m, block, causal):
-    """(nQB, nKB) bool from the element mask: blocks holding at least one visible key."""
-    visible = visible_mask(n, m, causal=causal).float()[None, None]
-    return F.max_pool2d(visible, block, block, ceil_mode=True)[0, 0] > 0
+    """(nQB, nKB) bool read off the element mask: blocks holding at least one visible key."""
+    return _admissible(n, m, block, block, causal=causal)
 
 
 def reference_block_target(q, k, block, causal):
-    """max_pool2d of the float64 reference softmax map (P = attention with v = identity), row-normalised."""
-    M = k.shape[2]
-    identity = torch.eye(M, dtype=torch.float64).expand(k.shape[0], k.shape[1], M, M)
-    probs = attention(q.double(), k.double(), identity, causal=causal)  # (B, Hq, N, M)
-    pooled = F.max_pool2d(probs, block, block, ceil_mode=True)
-    total = pooled.sum(dim=-1, keepdim=True)
-    return torch.where(total > 0, pooled / total, 0.0)
+    """The max over each tile of the float64 softmax map, row-normalised (attnzoo.reference)."""
+    return oracle.block_target(q, k, block, causal=causal)
 
 
 def make_gate(kind, q, k, block, seed):
@@ -99,7 +94,7 @@ def test_keeping_every_block_equals_dense(shape, causal, block, keep_all, gate_k
 
 
 @given(shape=shapes(), causal=st.booleans(), rule=st.sampled_from(["threshold", "topk_ratio"]),
-       level=st.floats(0.05, 0.9), last_blocks_dense=st.integers(0, 2),
+       level=st.integers(5, 90).map(lambda percent: percent / 100), last_blocks_dense=st.integers(0, 2),
        gate_kind=st.sampled_from(["oracle", "module", "tensor"]), backend=BACKENDS, seed=SEEDS)
 @settings()
 def test_output_and_gradients_equal_masked_reference_for_returned_mask(shape, causal, rule, level, last_blocks_dense,
@@ -107,9 +102,16 @@ def test_output_and_gradients_equal_masked_reference_for_returned_mask(shape, ca
     B, Hq, Hk, N, M, D, Dv = shape
     q, k, v = (t.requires_grad_() for t in make_qkv(shape, seed))
     fn = attnzoo.get("seerattention", block_size=16, last_blocks_dense=last_blocks_dense, **{rule: level})
-    out, block_mask = fn(q, k, v, causal=causal, gate=make_gate(gate_kind, q, k, 16, seed), backend=backend,
-                         return_block_mask=True)
+    gate = make_gate(gate_kind, q, k, 16, seed)
+    out, block_mask = fn(q, k, v, causal=causal, gate=gate, backend=backend, return_block_mask=True)
     assert block_mask.mask.shape == (B, Hq, -(-N // 16), -(-M // 16))
+    if gate_kind != "oracle":  # the selection rule on the gate's scores (with the oracle map: see below)
+        with torch.no_grad():
+            scores = gate if gate_kind == "tensor" else gate(q, k, causal=causal)
+        want = oracle.select_blocks(scores, N, M, block_size=16, causal=causal, last_blocks_dense=last_blocks_dense,
+                                    **{rule: level})
+        assert torch.equal(block_mask.mask, want.expand_as(block_mask.mask))
+    _assert_forced_blocks_kept(block_mask.mask, N, M, 16, causal, last_blocks_dense)
     mask = expand_block_mask(block_mask.mask, N, M, 16, 16)
     q64, k64, v64 = doubles(q, k, v)
     expected = attention(q64, k64, v64, causal=causal, mask=mask)
@@ -154,36 +156,70 @@ def score_maps(draw):
 def test_threshold_keeps_scores_at_or_above_it_plus_forced_blocks_and_nests(case, low, high, last_blocks_dense):
     scores, n, m, block, causal = case
     low, high = min(low, high), max(low, high)
-    admissible = admissible_blocks(n, m, block, causal)
-    forced = diagonal_blocks(n, m, block, causal=causal).clone()
-    forced[max(0, forced.shape[0] - last_blocks_dense):, :] = True
     kept = {t: select_blocks(scores, n, m, block_size=block, causal=causal, threshold=t,
                              last_blocks_dense=last_blocks_dense) for t in (low, high)}
     for t, keep in kept.items():
-        assert torch.equal(keep, ((scores >= t) | forced) & admissible)
+        want = oracle.select_blocks(scores, n, m, block_size=block, causal=causal, threshold=t,
+                                    last_blocks_dense=last_blocks_dense)
+        assert torch.equal(keep, want)
     assert not (kept[high] & ~kept[low]).any()
+    _assert_forced_blocks_kept(kept[high], n, m, block, causal, last_blocks_dense)
 
 
-@given(case=score_maps(), ratio=st.floats(1e-3, 1.0), last_blocks_dense=st.integers(0, 3))
+def _assert_forced_blocks_kept(keep, n, m, block, causal, last_blocks_dense):
+    """Every query that sees a key keeps the block holding its diagonal key i + M - N (clamped into
+    [0, M) when non-causal), and the last `last_blocks_dense` query-block rows keep every visible block."""
+    sees = visible_mask(n, m, causal=causal)
+    for i in range(n):
+        if sees[i].any():
+            diagonal = min(max(i + m - n, 0), m - 1)
+            assert keep[..., i // block, diagonal // block].all(), (i, diagonal)
+    n_qb = keep.shape[-2]
+    for row in range(max(0, n_qb - last_blocks_dense), n_qb):
+        assert torch.equal(keep[..., row, :], admissible_blocks(n, m, block, causal)[row].expand_as(keep[..., row, :]))
+
+
+@given(case=score_maps(), percent=st.integers(1, 100), last_blocks_dense=st.integers(0, 3))
 @settings()
-def test_topk_keeps_the_highest_ceil_ratio_of_admissible_blocks(case, ratio, last_blocks_dense):
+def test_topk_keeps_the_highest_ceil_ratio_of_admissible_blocks(case, percent, last_blocks_dense):
+    """Against the rule written out in attnzoo.reference.seerattention (ratio read as the decimal it
+    is written as: 30% of 10 blocks is 3), and its consequences stated directly."""
     scores, n, m, block, causal = case
-    admissible = admissible_blocks(n, m, block, causal)
-    diag = diagonal_blocks(n, m, block, causal=causal)
+    ratio = percent / 100
     keep = select_blocks(scores, n, m, block_size=block, causal=causal, topk_ratio=ratio,
                          last_blocks_dense=last_blocks_dense)
+    want = oracle.select_blocks(scores, n, m, block_size=block, causal=causal, topk_ratio=ratio,
+                                last_blocks_dense=last_blocks_dense)
+    assert torch.equal(keep, want)
+    _assert_forced_blocks_kept(keep, n, m, block, causal, last_blocks_dense)
+    admissible = admissible_blocks(n, m, block, causal)
     top = select_blocks(scores, n, m, block_size=block, causal=causal, topk_ratio=ratio, last_blocks_dense=0)
-    dense_rows = torch.arange(scores.shape[2]) >= scores.shape[2] - last_blocks_dense
-    assert torch.equal(keep, torch.where(dense_rows[:, None], admissible, top))
     for row in range(scores.shape[2]):
         count = int(admissible[row].sum())
-        if count == 0:
-            assert not top[..., row, :].any()
-            continue
-        wanted = max(1, math.ceil(ratio * count - 1e-9))
-        ranked = scores[..., row, :].masked_fill(~admissible[row], -1.0)
-        threshold = ranked.sort(dim=-1, descending=True).values[..., wanted - 1:wanted]
-        assert torch.equal(top[..., row, :], ((ranked >= threshold) | diag[row]) & admissible[row])
+        wanted = -(-percent * count // 100)  # ceil(percent% of count), in integers
+        # at least that many blocks (the diagonal ones may add to them), none inadmissible
+        assert (top[..., row, :].sum(-1) >= min(max(wanted, 1), count)).all()
+        assert not (top[..., row, :] & ~admissible[row]).any()
+
+
+def test_selection_by_hand():
+    """Causal, N = M = 64, blocks of 16, one row of gate scores per query block; last_blocks_dense 1."""
+    scores = torch.tensor([[[0.9, 0.0, 0.0, 0.0],
+                            [0.2, 0.8, 0.0, 0.0],
+                            [0.5, 0.1, 0.4, 0.0],
+                            [0.1, 0.2, 0.3, 0.4]]])
+    threshold = select_blocks(scores, 64, 64, block_size=16, causal=True, threshold=0.3, last_blocks_dense=1)
+    assert torch.equal(threshold[0], picture("""
+        #...
+        .#..
+        #.#.
+        ####""")), draw(threshold[0])  # >= 0.3, plus the diagonal, plus the whole last row
+    top = select_blocks(scores, 64, 64, block_size=16, causal=True, topk_ratio=0.34, last_blocks_dense=0)
+    assert torch.equal(top[0], picture("""
+        #...
+        .#..
+        #.#.
+        ..##""")), draw(top[0])  # ceil(0.34 * a) of a = 1, 2, 3, 4 admissible blocks: 1, 1, 2, 2
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -258,30 +294,9 @@ def test_gate_loss_skips_rows_without_target_and_masked_blocks():
 
 
 def reference_gate_probs(gate, q_proj, k_proj, q, k, causal):
-    """AttnGate written out from METHODS.md in float64 with the given weights: block loops, RoPE as a
-    complex rotation."""
-    B, Hq, N, D = q.shape
-    Hk, M = k.shape[1], k.shape[2]
-    bs, half = gate.block_size, gate.hidden // 2
-    q_blocks = [q[:, :, s:s + bs] for s in range(0, N, bs)]
-    k_blocks = [k[:, :, s:s + bs] for s in range(0, M, bs)]
-    pooled_q = torch.stack([x.mean(2) for x in q_blocks], dim=2)
-    pooled_k = torch.stack([torch.cat([x.amax(2), x.amin(2), x.mean(2)], -1) for x in k_blocks], dim=2)
-    gate_q = torch.einsum("bhnd,hde->bhne", pooled_q, q_proj)
-    gate_k = torch.einsum("bhnd,hde->bhne", pooled_k, k_proj)
-
-    def rope(x, starts):
-        freqs = gate.rope_base ** (-torch.arange(half, dtype=torch.float64) / half)
-        turned = torch.complex(x[..., :half], x[..., half:]) * torch.polar(
-            torch.ones(len(starts), half, dtype=torch.float64), starts[:, None].double() * freqs)
-        return torch.cat([turned.real, turned.imag], -1)
-
-    gate_q = rope(gate_q, torch.arange(len(q_blocks)) * bs + (M - N))
-    gate_k = rope(gate_k, torch.arange(len(k_blocks)) * bs).repeat_interleave(Hq // Hk, dim=1)
-    logits = gate_q @ gate_k.transpose(-1, -2) / gate.hidden ** 0.5
-    admissible = admissible_blocks(N, M, bs, causal)
-    probs = torch.softmax(logits.masked_fill(~admissible, -math.inf), -1)
-    return torch.where(admissible.any(-1, keepdim=True), probs, 0.0)
+    """AttnGate written out from METHODS.md in float64 with the given weights (attnzoo.reference)."""
+    return oracle.attn_gate_probs(q_proj, k_proj, q, k, block_size=gate.block_size, hidden=gate.hidden,
+                                  causal=causal, rope_base=gate.rope_base)
 
 
 @given(shape=shapes(max_len=80), causal=st.booleans(), block=st.sampled_from([16, 32]), seed=SEEDS)

@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 
 import attnzoo
 from attnzoo.reference import attention, expand_block_mask
+from attnzoo.reference import sparsed as oracle
+from pictures import draw, picture
 
 BACKENDS = st.sampled_from(["triton", "torch"])
 
@@ -35,26 +37,6 @@ def _inputs(p, seed_offset: int = 0):
     return [torch.randn(p["batch"], h, length, p["d"], generator=gen) for h, length in shapes]
 
 
-def _block_mean_probs(q, k, block: int) -> torch.Tensor:
-    """float64 (B, Hq, nQB, nKB): mean of softmax(q k^T / sqrt(D)) over each block tile (padding
-    counts as zero)."""
-    q, k = q.double(), k.double().repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    probs = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
-    n_qb, n_kb = -(-q.shape[2] // block), -(-k.shape[2] // block)
-    padded = probs.new_zeros(*probs.shape[:2], n_qb * block, n_kb * block)
-    padded[..., : q.shape[2], : k.shape[2]] = probs
-    return padded.unflatten(2, (n_qb, block)).unflatten(4, (n_kb, block)).mean((3, 5))
-
-
-def _is_top(scores: torch.Tensor, kept: torch.Tensor, count: int) -> bool:
-    """kept (..., n) holds exactly min(n, count) blocks per row, none scoring below one left out
-    (up to 1e-7, so near-ties may go either way)."""
-    count = min(scores.shape[-1], count)
-    lowest_kept = scores.masked_fill(~kept, math.inf).amin(-1)
-    highest_dropped = scores.masked_fill(kept, -math.inf).amax(-1)
-    return bool((kept.sum(-1) == count).all() and (lowest_kept >= highest_dropped - 1e-7).all())
-
-
 @given(p=problems(), backend=BACKENDS)
 @settings()
 def test_selection_is_the_top_k_of_block_mean_probabilities_per_region(p, backend):
@@ -62,17 +44,11 @@ def test_selection_is_the_top_k_of_block_mean_probabilities_per_region(p, backen
     out, block_mask = attnzoo.get("sparsed", select=p["select"], block_size=p["block"], gen_len=p["gen_len"])(
         q, k, v, backend=backend, return_block_mask=True)
     kept = block_mask.to_dense()
-    n_kb = kept.shape[-1]
-    k_all = math.floor(n_kb * p["select"]) + 1
-    if p["gen_len"] is None:
-        assert _is_top(_block_mean_probs(q, k, p["block"]), kept, k_all)
-    else:
-        first_gen = min(-(-(p["m"] - p["gen_len"]) // p["block"]), n_kb - 1)
-        gen_scores = _block_mean_probs(q, k[:, :, first_gen * p["block"]:], p["block"])
-        assert _is_top(gen_scores, kept[..., first_gen:], math.floor((n_kb - first_gen) * p["select"]) + 1)
-        if first_gen > 0:
-            prompt_scores = _block_mean_probs(q, k, p["block"])[..., :first_gen]
-            assert _is_top(prompt_scores, kept[..., :first_gen], k_all)
+    regions = oracle.regions(q, k, select=p["select"], block_q=p["block"], block_k=p["block"], gen_len=p["gen_len"])
+    bounds = [start for start, _, _ in regions] + [kept.shape[-1]]
+    for (start, scores, count), end in zip(regions, bounds[1:]):
+        assert oracle.is_top_k(scores, kept[..., start:end], count), (start, count)
+        assert (kept[..., start:end].sum(-1) >= 1).all()  # every row keeps a block of every region
     mask = expand_block_mask(kept, p["n"], p["m"], p["block"], p["block"])
     torch.testing.assert_close(out.double(), attention(q.double(), k.double(), v.double(), mask=mask),
                                rtol=1e-5, atol=1e-5)
@@ -85,7 +61,7 @@ def test_schedule_runs_dense_then_freezes_the_pattern_of_step_t_star(p, skip, to
     and then never read V outside it (poisoned here; checked on the kernel backend)."""
     fn = attnzoo.get("sparsed", select=p["select"], block_size=p["block"], gen_len=p["gen_len"], skip=skip,
                      total_steps=total_steps)
-    made_at = math.floor(total_steps * skip) + 1
+    made_at = math.floor(total_steps * skip) + 1  # t*
     cache = {}
     for step in range(made_at + 1):
         q, k, v = _inputs(p, seed_offset=step)
@@ -106,6 +82,24 @@ def test_schedule_runs_dense_then_freezes_the_pattern_of_step_t_star(p, skip, to
     mask = expand_block_mask(frozen, p["n"], p["m"], p["block"], p["block"])
     torch.testing.assert_close(out.double(), attention(q.double(), k.double(), v.double(), mask=mask),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_selection_by_hand():
+    """Four key blocks of 16; query block 0 attends to key 40 (block 2), query block 1 to key 10 (block 0):
+    select 0.25 keeps floor(4 * 0.25) + 1 = 2 blocks per row, the attended one first. With gen_len 16
+    the last block is its own region and keeps its own top floor(1 * 0.25) + 1 = 1 block, the prompt
+    region (blocks 0-2) keeps its top 2."""
+    k = torch.zeros(1, 1, 64, 16)
+    k[0, 0, :, 0] = torch.arange(64) * 0.01  # a mild preference for later keys everywhere
+    k[0, 0, 40, 1] = k[0, 0, 10, 2] = 1.0
+    q = torch.zeros(1, 1, 32, 16)
+    q[0, 0, :16, 1] = q[0, 0, 16:, 2] = 40.0
+    q[0, 0, :, 0] = 1.0
+    fn = attnzoo.get("sparsed", select=0.25, block_size=16)
+    _, block_mask = fn(q, k, k, backend="torch", return_block_mask=True)
+    assert torch.equal(block_mask.to_dense()[0, 0], picture("..##\n#..#")), draw(block_mask.to_dense()[0, 0])
+    _, block_mask = fn(q, k, k, backend="torch", gen_len=16, return_block_mask=True)
+    assert torch.equal(block_mask.to_dense()[0, 0], picture(".###\n#.##")), draw(block_mask.to_dense()[0, 0])
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])

@@ -1,5 +1,7 @@
 """xattention: the antidiagonal estimator (Triton kernel and torch twin) against its float64
-definition, the threshold selection on its own, and the method end to end."""
+definition (attnzoo.reference.xattention), the threshold selection against the rule written out, the
+forced blocks stated literally (key block 0 in every row, the diagonal block for causal), and the
+method end to end."""
 
 import pytest
 import torch
@@ -8,11 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attnzoo
-from attnzoo.block_mask import block_geometry
 from attnzoo.kernels.scoring import antidiagonal_block_scores as triton_scores
-from attnzoo.methods.xattention import forced_blocks, select_blocks, threshold_select
-from attnzoo.reference import attention, expand_block_mask
+from attnzoo.methods.xattention import threshold_select
+from attnzoo.reference import attention, expand_block_mask, visible_mask
+from attnzoo.reference import xattention as oracle
+from attnzoo.reference.blocks import admissible_blocks
 from attnzoo.torch_impl.scoring import antidiagonal_block_scores as torch_scores
+from pictures import draw, picture
 
 BACKENDS = st.sampled_from(["triton", "torch"])
 SCORERS = {"triton": triton_scores, "torch": torch_scores}
@@ -40,30 +44,6 @@ def _inputs(p, *, requires_grad=False):
             for h, length in shapes]
 
 
-def _estimate_definition(q, k, *, stride, block_q, block_k, scale, causal):
-    """float64: est[a, b] = scale / S * sum_t q[a*S + S-1-t] . k[b*S + t] (missing rows = 0), causal
-    groups b with b*S > min(a*S + S-1, N-1) + M - N masked, softmax over b, summed per block."""
-    S = stride
-    (B, Hq, N, D), (Hk, M) = q.shape, k.shape[1:3]
-    n_groups, m_groups = -(-N // S), -(-M // S)
-    q_pad = torch.zeros(B, Hq, n_groups * S, D, dtype=torch.float64)
-    k_pad = torch.zeros(B, Hq, m_groups * S, D, dtype=torch.float64)
-    q_pad[:, :, :N] = q.double()
-    k_pad[:, :, :M] = k.double().repeat_interleave(Hq // Hk, dim=1)
-    est = sum(q_pad[:, :, S - 1 - t::S] @ k_pad[:, :, t::S].transpose(-1, -2) for t in range(S)) * scale / S
-    a = torch.arange(n_groups)[:, None]
-    b = torch.arange(m_groups)[None, :]
-    keep = torch.ones(n_groups, m_groups, dtype=torch.bool)
-    if causal:
-        keep = b * S <= torch.clamp(a * S + S - 1, max=N - 1) + M - N
-    probs = torch.softmax(est.masked_fill(~keep, float("-inf")), dim=-1).nan_to_num(0.0)
-    per_key_block = torch.zeros(B, Hq, n_groups, -(-M // block_k), dtype=torch.float64)
-    per_key_block.index_add_(3, (b[0] * S) // block_k, probs)
-    scores = torch.zeros(B, Hq, -(-N // block_q), per_key_block.shape[3], dtype=torch.float64)
-    scores.index_add_(2, (a[:, 0] * S) // block_q, per_key_block)
-    return scores
-
-
 @given(p=problems(), causal=st.booleans(), backend=BACKENDS, scale=st.floats(0.05, 1.0),
        dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), chunked=st.booleans())
 @settings()
@@ -74,56 +54,127 @@ def test_estimator_equals_its_float64_definition(p, causal, backend, scale, dtyp
     S, bq, bk = p["stride"], p["block_q"], p["block_k"]
     chunk = {"t_chunk": max(1, S // 4)} if backend == "triton" and chunked else {}
     got = SCORERS[backend](q, k, stride=S, block_q=bq, block_k=bk, scale=scale, causal=causal, **chunk)
-    want = _estimate_definition(q, k, stride=S, block_q=bq, block_k=bk, scale=scale, causal=causal)
+    want = oracle.antidiagonal_estimate(q, k, stride=S, block_q=bq, block_k=bk, scale=scale, causal=causal)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
     full_rows = (torch.arange(got.shape[2]) + 1) * bq <= p["n"]  # query blocks with no padded group
-    if not causal:
+    if not causal:  # each of a full query block's bq / S groups spreads probability 1 over the key groups
         torch.testing.assert_close(got.sum(-1)[..., full_rows], torch.full_like(got.sum(-1)[..., full_rows], bq / S))
 
 
+def test_threshold_selection_by_hand():
+    """One non-causal row of scores 1, 4, 2, 3 (total 10), key block 0 forced: blocks are taken in
+    descending score while the mass kept is below threshold * 10, so the crossing block is kept."""
+    scores = torch.tensor([[1.0, 4.0, 2.0, 3.0]])
+    forced, admissible = picture("#..."), picture("####")
+    for threshold, want in [(0.0, "#..."), (0.1, "#..."), (0.11, "##.."), (0.5, "##.."), (0.55, "##.#"),
+                            (0.8, "##.#"), (0.85, "####"), (1.0, "####")]:
+        got = threshold_select(scores, threshold, forced, admissible)
+        assert torch.equal(got, picture(want)), (threshold, draw(got))
+    ties = torch.tensor([[1.0, 2.0, 2.0, 2.0]])  # equal scores: the lower key block first
+    assert torch.equal(threshold_select(ties, 0.4, forced, admissible), picture("##.."))
+    assert torch.equal(threshold_select(ties, 0.6, forced, admissible), picture("###."))
+
+
 @given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 100), m=st.integers(1, 100),
-       block=st.sampled_from([16, 32]), causal=st.booleans(), low=st.floats(0, 1), high=st.floats(0, 1.2))
+       block=st.sampled_from([16, 32]), causal=st.booleans(), sixteenths=st.integers(0, 17))
 @settings()
-def test_threshold_selection(seed, n, m, block, causal, low, high):
-    """Forced blocks always; threshold 0 = only them; >= 1 = every admissible block; masks nest as the
-    threshold grows; the kept mass reaches threshold * row total."""
-    admissible, _ = block_geometry(n, m, block, block, causal=causal)
-    forced = forced_blocks(n, m, block, block, causal=causal)
+def test_threshold_selection_follows_the_rule(seed, n, m, block, causal, sixteenths):
+    """Against the rule written out (attnzoo.reference.xattention.threshold_select) on scores in
+    multiples of 1/64 and thresholds in multiples of 1/16, where fp32 sums are exact, so ties (lower
+    index first) and exact crossings are decided alike; plus the rule's consequences stated directly."""
+    admissible = admissible_blocks(n, m, block, block, causal=causal)
+    forced = oracle.forced_blocks(n, m, block, block, causal=causal)
     gen = torch.Generator().manual_seed(seed)
-    scores = torch.rand(2, 3, *admissible.shape, generator=gen) ** 3 * admissible
-    low, high = min(low, high), max(low, high)
-    keep_low, keep_high = (threshold_select(scores, t, forced, admissible) for t in (low, high))
-    assert not (keep_low & ~keep_high).any()  # nested
-    assert not (keep_high & ~admissible).any()
-    assert torch.equal(keep_low & forced, forced.expand_as(keep_low))
-    kept_mass = (scores * keep_low).sum(-1)
-    assert (kept_mass >= low * scores.sum(-1) - 1e-6).all()
-    assert torch.equal(threshold_select(scores, 0.0, forced, admissible), forced.expand_as(scores))
-    assert torch.equal(threshold_select(scores, 1.0, forced, admissible), admissible.expand_as(scores))
-    if causal:  # every query block that sees a key keeps its diagonal block
-        assert torch.equal(keep_low.any(-1), admissible.any(-1).expand(2, 3, -1))
+    scores = torch.randint(0, 64, (2, 3, *admissible.shape), generator=gen).float() / 64 * admissible
+    threshold = sixteenths / 16
+    keep = threshold_select(scores, threshold, forced, admissible)
+    assert torch.equal(keep, oracle.threshold_select(scores, threshold, forced, admissible))
+    assert not (keep & ~admissible).any() and torch.equal(keep & forced, forced.expand_as(keep))
+    total = (scores * admissible).sum(-1)
+    assert ((scores * keep).sum(-1) >= torch.clamp(torch.tensor(threshold), max=1) * total).all()
+    if threshold >= 1:
+        assert torch.equal(keep, admissible.expand_as(keep))
+    if threshold == 0:
+        assert torch.equal(keep, forced.expand_as(keep))
+    larger = threshold_select(scores, threshold + 1 / 16, forced, admissible)
+    assert not (keep & ~larger).any()  # masks nest as the threshold grows
+
+
+def _forced_by_the_paper(n, m, block_q, block_k, causal):
+    """Key block 0 in every row whose queries see key 0; for causal also the diagonal block, the key
+    block holding the diagonal key (last query + M - N) of the block's last query, if that key exists."""
+    sees = visible_mask(n, m, causal=causal)
+    n_qb, n_kb = -(-n // block_q), -(-m // block_k)
+    rows = []
+    for i in range(n_qb):
+        row = torch.zeros(n_kb, dtype=torch.bool)
+        row[0] = bool(sees[i * block_q:(i + 1) * block_q, 0].any())
+        last = min((i + 1) * block_q, n) - 1
+        if causal and last + m - n >= 0:
+            row[(last + m - n) // block_k] = True
+        rows.append(row)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("causal, n, m, blocks", [
+    (False, 64, 64, "#...\n#...\n#...\n#..."),
+    (True, 64, 64, "#...\n##..\n#.#.\n#..#"),
+    (True, 32, 64, "#.#.\n#..#"),      # queries sit at i + 32: block 0 ends at key 47, block 1 at 63
+    (True, 64, 32, "..\n..\n#.\n##"),  # the first 32 queries see no key
+], ids=["non-causal", "causal", "causal-N<M", "causal-N>M"])
+def test_threshold_zero_keeps_key_block_zero_and_the_diagonal_block(backend, causal, n, m, blocks):
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(1, 2, n, 16, generator=gen), torch.randn(1, 1, m, 16, generator=gen), \
+        torch.randn(1, 1, m, 16, generator=gen)
+    _, block_mask = attnzoo.get("xattention", threshold=0.0, stride=4, block_size=16)(
+        q, k, v, causal=causal, backend=backend, return_block_mask=True)
+    for head in range(2):
+        got = block_mask.to_dense()[0, head]
+        assert torch.equal(got, picture(blocks)), draw(got)
+
+
+@given(p=problems(max_batch=1), causal=st.booleans(), backend=BACKENDS)
+@settings()
+def test_threshold_zero_keeps_exactly_the_forced_blocks(p, causal, backend):
+    q, k, v = _inputs(p)
+    _, block_mask = attnzoo.get("xattention", threshold=0.0, stride=p["stride"],
+                                block_size=(p["block_q"], p["block_k"]))(q, k, v, causal=causal, backend=backend,
+                                                                         return_block_mask=True)
+    want = _forced_by_the_paper(p["n"], p["m"], p["block_q"], p["block_k"], causal)
+    assert torch.equal(block_mask.to_dense(), want.expand(p["batch"], p["q_heads"], -1, -1))
 
 
 @given(p=problems(max_batch=1), causal=st.booleans(), backend=BACKENDS, threshold=st.floats(0, 0.95))
 @settings()
 def test_output_equals_the_masked_reference_and_skips_unselected_values(p, causal, backend, threshold):
-    """The returned mask is the estimator's selection; the output equals the float64 reference masked
-    with it; on the kernel backend, NaN in V of key blocks no head of the kv group selected is unread."""
+    """The returned mask is the selection of the float64 estimate (in every row where the float64
+    choice is not within rounding of another one; there, it still keeps the forced blocks and
+    nothing inadmissible); the output equals the float64 reference masked with it; on the kernel
+    backend, NaN in V of key blocks no head of the kv group selected is unread."""
     q, k, v = _inputs(p)
-    kwargs = {"stride": p["stride"], "threshold": threshold, "block_size": (p["block_q"], p["block_k"])}
-    expected_mask = select_blocks(q, k, stride=p["stride"], threshold=threshold, block_q=p["block_q"],
-                                  block_k=p["block_k"], scale=p["d"] ** -0.5, causal=causal, backend=backend)
-    blocks = expected_mask.to_dense()
+    bq, bk = p["block_q"], p["block_k"]
+    kwargs = {"stride": p["stride"], "threshold": threshold, "block_size": (bq, bk)}
+    _, chosen = attnzoo.get("xattention", **kwargs)(q, k, v, causal=causal, backend=backend, return_block_mask=True)
+    blocks = chosen.to_dense()
+    want, margin = oracle.select_blocks(q, k, stride=p["stride"], threshold=threshold, block_q=bq, block_k=bk,
+                                        scale=p["d"] ** -0.5, causal=causal, return_margin=True)
+    robust = margin > 1e-4
+    assert torch.equal(blocks[robust], want[robust])
+    forced = oracle.forced_blocks(p["n"], p["m"], bq, bk, causal=causal)
+    assert torch.equal(blocks & forced, forced.expand_as(blocks))
+    assert not (blocks & ~admissible_blocks(p["n"], p["m"], bq, bk, causal=causal)).any()
+
     if backend == "triton":
         unread = ~blocks.unflatten(1, (p["kv_heads"], -1)).any(2).any(2)  # (B, Hk, nKB)
-        v_used = v.masked_fill(expand_block_mask(unread[:, :, None], 1, p["m"], 1, p["block_k"])[:, :, 0, :, None],
+        v_used = v.masked_fill(expand_block_mask(unread[:, :, None], 1, p["m"], 1, bk)[:, :, 0, :, None],
                                float("nan"))
     else:
         v_used = v
     out, returned = attnzoo.get("xattention", **kwargs)(q, k, v_used, causal=causal, backend=backend,
                                                         return_block_mask=True)
     assert torch.equal(returned.to_dense(), blocks)
-    mask = expand_block_mask(blocks, p["n"], p["m"], p["block_q"], p["block_k"])
+    mask = expand_block_mask(blocks, p["n"], p["m"], bq, bk)
     torch.testing.assert_close(out.double(), attention(q.double(), k.double(), v.double(), causal=causal, mask=mask),
                                rtol=1e-5, atol=1e-5)
 

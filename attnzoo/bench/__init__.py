@@ -1,12 +1,12 @@
 """`attnzoo bench`: time attnzoo methods and baselines over a sweep of shapes.
 
-    attnzoo bench --quick                       # tiny CPU sweep of every method, < 1 minute
+    attnzoo bench --quick                       # tiny CPU sweep of every method, < 30 s
     attnzoo bench --config benchmarks/configs/gpu_full.yaml --out benchmarks/results/h100
 
-Writes bench.csv, bench.json (rows, skipped runs and a header with device, versions and command)
-and three PNG plots into --out, shows a progress bar, and prints a summary table. matplotlib and tqdm
-are optional: without them the plots are skipped (with a message) and progress is printed as lines.
-See docs/benchmarking.md for every column.
+Writes bench.csv (plain CSV, one row per measurement), bench.json (the rows, skipped runs, notes and a
+header with device, versions, command and config) and three PNG plots into --out, shows a progress
+bar, and prints a summary table. matplotlib and tqdm are optional: without them the plots are skipped
+(with a message) and progress is printed as lines. See docs/benchmarking.md for every column.
 """
 
 from __future__ import annotations
@@ -41,12 +41,12 @@ def _run(argv: list[str]) -> int:
     result = sweep.run()
     out_dir = Path(config.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    timing_note = timing.describe(device, warmup=config.warmup, repeats=config.repeats)
+    timing_note = timing.describe(device, warmup=config.warmup, repeats=config.repeats, sample_ms=config.sample_ms)
     head = report.header(device, "attnzoo bench " + shlex.join(argv), timing_note, config.to_dict())
     csv_path, json_path = out_dir / report.CSV_NAME, out_dir / report.JSON_NAME
-    report.write_csv(csv_path, head, result.rows)
+    report.write_csv(csv_path, result.rows)
     report.write_json(json_path, head, result)
-    device_note = "CPU timings" if device.type == "cpu" else head["device"]
+    device_note = head["device"] + (" (CPU timings, not GPU performance)" if device.type == "cpu" else "")
     plots = _write_plots(result.rows, out_dir, device_note) if config.plots else []
     report.print_summary(result, head, [csv_path, json_path, *plots])
     return 0

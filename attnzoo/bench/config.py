@@ -3,7 +3,8 @@
 Precedence, lowest first: built-in defaults (the `--quick` preset when there is no CUDA device) <
 the `--quick` preset < `--config FILE.yaml` < flags given on the command line. Every key of the
 YAML file has the flag's name with `_` for `-` (`head_dims: [64, 128]`), plus `params:` (method ->
-parameters bound with `attnzoo.get`).
+parameter -> value, or a list of values: a grid, one row per value; `--param` on the command line).
+Method parameters merge per (method, parameter) across the layers instead of replacing each other.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from typing import Any
 import yaml
 
 MODES = ("fwd", "fwd+bwd")
-INPUT_KINDS = ("random", "structured")
+INPUT_KINDS = ("random", "structured", "minilm")
 DTYPES = ("float16", "bfloat16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "torch", "fla")
 
 
 class ConfigError(ValueError):
@@ -43,17 +44,19 @@ class SweepConfig:
     backend: str = "auto"
     repeats: int = 10
     warmup: int = 2
+    sample_ms: float = 50.0
     seed: int = 0
     out: str = "bench-out"
     plots: bool = True
-    params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    params: dict[str, dict[str, tuple]] = field(default_factory=dict)  # method -> parameter -> grid values
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 # The --quick preset: tiny CPU shapes so that the first command of the README runs anywhere in
-# well under a minute, even with every registry method in the sweep.
+# under 30 seconds on 2 cores, with every registry method, synthetic and real (MiniLM) inputs, and
+# one parameter grid to show the error/speedup trade-off.
 QUICK = {
     "seqlens": (128, 256),
     "head_dims": (64,),
@@ -61,10 +64,13 @@ QUICK = {
     "dtypes": ("float32",),
     "batch": (1,),
     "heads": (2,),
-    "inputs": ("structured",),
+    "inputs": ("structured", "minilm"),
     "device": "cpu",
-    "repeats": 2,
-    "warmup": 0,  # the untimed first forward (its output is checked against dense) is the warm-up
+    "repeats": 5,
+    "warmup": 1,
+    "sample_ms": 5.0,
+    "params": {"xattention": {"threshold": (0.8, 0.9, 0.95), "block_size": (32,)},
+               "seerattention": {"topk_ratio": (0.5,), "block_size": (32,)}},
 }
 
 _FIELD_NAMES = tuple(f.name for f in fields(SweepConfig))
@@ -81,6 +87,16 @@ def _int_at_least(name: str, value, low: int) -> int:
         raise ConfigError(f"{name} must be an integer, got {value!r}") from None
     if isinstance(value, bool) or parsed < low:
         raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+    return parsed
+
+
+def _positive_float(name: str, value) -> float:
+    try:
+        parsed = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number > 0, got {value!r}") from None
+    if isinstance(value, bool) or not parsed > 0:
+        raise ConfigError(f"{name} must be a number > 0, got {value!r}")
     return parsed
 
 
@@ -117,10 +133,41 @@ def _bools(name: str, values) -> tuple[bool, ...]:
     return parsed
 
 
-def _params(value) -> dict[str, dict[str, Any]]:
+def _grid(values) -> tuple:
+    """A parameter's values to sweep: a list is a grid (one row per value), anything else one value."""
+    return tuple(values) if isinstance(values, (list, tuple)) else (values,)
+
+
+def _params(value) -> dict[str, dict[str, tuple]]:
     if not isinstance(value, dict) or not all(isinstance(p, dict) for p in value.values()):
-        raise ConfigError(f"params must map method names to {{parameter: value}}, got {value!r}")
-    return {str(name): dict(p) for name, p in value.items()}
+        raise ConfigError(f"params must map method names to {{parameter: value or [values]}}, got {value!r}")
+    empty = [f"{method}.{name}" for method, p in value.items() for name, v in p.items() if _grid(v) == ()]
+    if empty:
+        raise ConfigError(f"params: {', '.join(empty)} has an empty list of values; give at least one")
+    return {str(method): {str(name): _grid(v) for name, v in p.items()} for method, p in value.items()}
+
+
+def parse_param_flag(text: str) -> dict[str, dict[str, tuple]]:
+    """`--param METHOD.PARAM=V1,V2` -> {METHOD: {PARAM: (V1, V2)}}; each value is read as YAML, so
+    `0.9` is a float, `null` None and `[64,0]` a list (a list-valued parameter's value)."""
+    target, sep, values = text.partition("=")
+    method, dot, name = target.strip().partition(".")
+    if not (sep and dot and method and name and values.strip()):
+        raise ConfigError(f"--param must look like METHOD.PARAM=VALUE[,VALUE...], got {text!r}")
+    try:
+        parsed = yaml.safe_load(f"[{values}]")
+    except yaml.YAMLError:
+        raise ConfigError(f"--param {text!r}: the values {values!r} are not a comma list of YAML values") from None
+    return {method: {name: tuple(parsed)}}
+
+
+def merge_params(*layers: dict[str, dict[str, tuple]]) -> dict[str, dict[str, tuple]]:
+    """Later layers win per (method, parameter)."""
+    merged: dict[str, dict[str, tuple]] = {}
+    for layer in layers:
+        for method, grid in layer.items():
+            merged.setdefault(method, {}).update(grid)
+    return merged
 
 
 def normalise(raw: dict[str, Any]) -> dict[str, Any]:
@@ -144,6 +191,7 @@ def normalise(raw: dict[str, Any]) -> dict[str, Any]:
         "backend": lambda v: _one_choice("backend", v, BACKENDS),
         "repeats": lambda v: _int_at_least("repeats", v, 1),
         "warmup": lambda v: _int_at_least("warmup", v, 0),
+        "sample_ms": lambda v: _positive_float("sample_ms", v),
         "seed": lambda v: _int_at_least("seed", v, 0),
         "out": str,
         "plots": lambda v: _bools("plots", [v])[0],
@@ -185,16 +233,22 @@ def build_parser() -> argparse.ArgumentParser:
     add("--batch", help="comma list of batch sizes")
     add("--heads", help="comma list of query head counts")
     add("--kv-heads", help="key/value heads (GQA); default: as many as query heads")
-    add("--inputs", help="comma list of random, structured (locality + heavy hitters)")
+    add("--inputs", help="comma list of random, structured (locality + heavy hitters), "
+                         "minilm (q, k, v of a real pretrained model on real text)")
     add("--baselines", help="comma list of sdpa_flash, sdpa_efficient, flash_attn, fla_gla; "
                             "'auto' (those installed) or 'none'")
     add("--device", help="auto (CUDA if available), cpu or cuda")
-    add("--backend", help="auto (triton on CUDA, torch on CPU), triton or torch")
-    add("--repeats", help="timed calls per measurement on CPU (CUDA uses triton.testing.do_bench)")
-    add("--warmup", help="untimed calls before timing on CPU")
+    add("--backend", help="auto (triton on CUDA, torch on CPU), triton, torch or fla")
+    add("--repeats", help="timing rounds: each round takes one sample of every contender of a case in turn")
+    add("--warmup", help="untimed calls of each contender before the rounds")
+    add("--sample-ms", help="measuring time of one sample (CPU: torch.utils.benchmark block, "
+                            "CUDA: triton.testing.do_bench rep)")
     add("--seed", help="seed of the generated inputs")
     add("--out", metavar="DIR", help="directory for bench.csv, bench.json and the plots (default bench-out)")
     add("--no-plots", dest="plots", action="store_const", const=False, help="write no PNG plots")
+    add("--param", dest="param_flags", action="append", metavar="METHOD.PARAM=V1[,V2...]",
+        help="set a method parameter; several values sweep a grid (repeatable), "
+             "e.g. --param xattention.threshold=0.8,0.9,0.95 or --param dense.window_size=[64,0]")
     return parser
 
 
@@ -202,20 +256,33 @@ def _flag_values(args: argparse.Namespace) -> dict[str, Any]:
     given = {key: value for key, value in vars(args).items() if value is not None}
     given.pop("quick", None)
     given.pop("config", None)
+    flags = given.pop("param_flags", [])
     if "causal" in given:
         given["causal"] = [given["causal"]]
-    return normalise(given)
+    values = normalise(given)
+    if flags:
+        values["params"] = merge_params(*(parse_param_flag(text) for text in flags))
+    return values
+
+
+def _swept_params(preset: dict[str, Any], methods: tuple[str, ...]) -> dict[str, dict[str, tuple]]:
+    """A preset's parameters for the methods in the sweep (a preset never names a method you left out)."""
+    return {m: grid for m, grid in preset.get("params", {}).items() if "all" in methods or m in methods}
 
 
 def resolve(args: argparse.Namespace, *, cuda_available: bool) -> SweepConfig:
     """Defaults < --quick < --config < explicit flags. Without CUDA the defaults are the --quick
     preset's tiny CPU shapes, so that a bare `attnzoo bench` finishes anywhere."""
-    settings: dict[str, Any] = {}
-    if args.quick or not cuda_available:
-        settings.update(QUICK)
+    layers = [QUICK] if args.quick or not cuda_available else []
     if args.config:
-        settings.update(load_yaml(args.config))
-    settings.update(_flag_values(args))
+        layers.append(load_yaml(args.config))
+    layers.append(_flag_values(args))
+    settings: dict[str, Any] = {}
+    for layer in layers:
+        settings.update(layer)
+    methods = settings.get("methods", SweepConfig.methods)
+    settings["params"] = merge_params(*(_swept_params(layer, methods) if layer is QUICK else layer.get("params", {})
+                                        for layer in layers))
     config = SweepConfig(**settings)
     if config.kv_heads is not None and any(h % config.kv_heads for h in config.heads):
         raise ConfigError(f"every --heads value must be a multiple of --kv-heads {config.kv_heads}, got {config.heads}")

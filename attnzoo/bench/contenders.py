@@ -1,15 +1,18 @@
-"""Everything the sweep times: attnzoo methods (from the registry) and outside baselines.
+"""Everything the sweep times: attnzoo methods (from the registry, one contender per parameter-grid point)
+and outside baselines.
 
-A contender answers two questions for a case: can it run it (`skip_reason`, None when it can), and
-how (`bind`: a function of q, k, v in attnzoo's (B, H, N, D) layout returning (B, H, N, Dv), with any
-extra inputs the method needs already made). Baselines with another native layout take transposed
-views, as a (B, H, N, D) caller would.
+A contender answers, for a case: can it run it (`skip_reason`, None when it can), and how (`bind`: a
+`Bound` with a forward of q, k, v in attnzoo's (B, H, N, D) layout and the extra inputs it was given,
+made by `method_inputs`). A registry method runs with its registry defaults overridden by the grid
+point, nothing else, and records at the call the parameters and the backend it really received.
+Baselines with another native layout take transposed views, as a (B, H, N, D) caller would.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import itertools
 import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -18,8 +21,9 @@ import torch
 import torch.nn.functional as F
 
 import attnzoo
-from attnzoo import backend as backends
+from attnzoo.registry import REGISTRY
 
+from . import method_inputs
 from .config import ConfigError
 
 
@@ -45,35 +49,62 @@ Forward = Callable[..., Any]
 
 
 @dataclass
-class ZooMethod:
-    """A registry method with parameters bound (registry defaults unless the config overrides)."""
+class Bound:
+    """A contender ready to run on one case: `forward(q, k, v, **flags)` and the extra inputs it passes."""
 
-    name: str
-    params: dict[str, Any] = field(default_factory=dict)
-    requested_backend: str = "auto"
+    forward: Forward
+    inputs: dict[str, Any] = field(default_factory=dict)
+
+
+def params_json(params: dict[str, Any]) -> str:
+    """Parameters as compact, sorted JSON (tuples as lists, anything else JSON lacks as its str)."""
+    return json.dumps(params, sort_keys=True, default=str)
+
+
+class ZooMethod:
+    """A registry method at one point of its parameter grid (`params_set`: the parameters the config
+    set; the rest keep their registry defaults)."""
+
     kind = "attnzoo"
 
-    def __post_init__(self):
-        self.info = attnzoo.info(self.name)
-        accepted = set(self.info.params) | set(self.info.inputs)
-        unknown = sorted(set(self.params) - accepted)
+    def __init__(self, name: str, params_set: dict[str, Any] | None = None, requested_backend: str = "auto"):
+        self.name = name
+        self.params_set = dict(params_set or {})
+        self.requested_backend = requested_backend
+        self.info = attnzoo.info(name)
+        self.received: dict[str, Any] | None = None  # parameters of the last call, as the method got them
+        self.ran_backend: str | None = None  # backend of the last call
+        unknown = sorted(set(self.params_set) - set(self.info.params))
         if unknown:
-            raise ConfigError(f"params: method {self.name!r} has no parameter(s) {', '.join(unknown)}; "
-                              f"it takes {', '.join(sorted(accepted)) or 'none'}")
+            raise ConfigError(f"params: method {name!r} has no parameter(s) {', '.join(unknown)}; "
+                              f"it takes {', '.join(sorted(self.info.params)) or 'none'}")
+
+    def _record(self, q, k, v, *, causal, scale, backend, **kwargs):
+        """The registry function, called through attnzoo's API; notes what it receives."""
+        self.received = {name: kwargs[name] for name in self.info.params if name in kwargs}
+        self.ran_backend = backend
+        return REGISTRY.function(self.name)(q, k, v, causal=causal, scale=scale, backend=backend, **kwargs)
 
     @functools.cached_property
     def method(self) -> attnzoo.Method:
-        """The bound callable; its module is imported here, so a method whose import fails is
-        skipped by the sweep (with the error) instead of stopping it."""
-        return attnzoo.get(self.name, **self.params)
+        """The callable `attnzoo.get(name, **params_set)` would give, calling through `_record`. Its
+        module is imported here, so a method whose import fails is skipped (with the error)."""
+        REGISTRY.function(self.name)
+        return attnzoo.Method(self.info, self._record, self.params_set)
 
     @property
     def family(self) -> str:
         return self.info.family
 
     @property
+    def exact_as(self) -> str:
+        """The registry name whose exact definition this contender computes."""
+        return self.name
+
+    @property
     def label(self) -> str:
-        return self.name + (json.dumps(self.params, sort_keys=True) if self.params else "")
+        shown = " ".join(f"{k}={json.dumps(v, default=str)}" for k, v in self.params_set.items())
+        return f"{self.name} {shown}" if shown else self.name
 
     @property
     def supports_backward(self) -> bool:
@@ -83,17 +114,16 @@ class ZooMethod:
     def returns_block_mask(self) -> bool:
         return "return_block_mask" in self.info.supports.outputs
 
-    def backend(self, device: torch.device) -> str:
-        """The backend that runs: the requested one, else triton/torch on CUDA and torch on CPU (the
-        Triton interpreter is for tests, not for timing)."""
-        wanted = self.requested_backend
-        if wanted == "auto" and device.type == "cpu":
-            wanted = "torch"
-        return backends.resolve(wanted, device, self.info.supports.backends, self.name)
+    def _backend_to_ask(self, device: torch.device) -> str:
+        """On CPU the PyTorch implementation (the Triton interpreter is for tests, not for timing)."""
+        if self.requested_backend == "auto" and device.type == "cpu":
+            return "torch"
+        return self.requested_backend
 
     def skip_reason(self, case: Case, device: torch.device) -> str | None:
         supports = self.info.supports
         low, high = supports.head_dims
+        backend = self._backend_to_ask(device)
         if case.causal and not supports.causal:
             return "non-causal only"
         if not case.causal and not supports.non_causal:
@@ -104,25 +134,47 @@ class ZooMethod:
             return f"head dim {case.head_dim} outside [{low}, {high}]"
         if case.heads != case.kv_heads and not supports.gqa:
             return "no grouped-query attention"
-        try:
-            self.backend(device)
-        except ValueError as err:
-            return str(err)
+        if backend != "auto" and backend not in supports.backends:
+            return f"no {backend} backend (has {', '.join(supports.backends)})"
         return None
 
-    def _example_inputs(self, q, k, v, causal: bool) -> dict[str, Any]:
-        module = self.info.load_module()
-        make = getattr(module, "example_kwargs", None)
-        return dict(make(q, k, v, causal=causal)) if make is not None else {}
+    def bind(self, q, k, v, case: Case, device: torch.device, seed: int) -> Bound:
+        method, backend = self.method, self._backend_to_ask(device)
+        inputs = method_inputs.build(self.name, q, k, v, causal=case.causal, params=method.params, seed=seed)
 
-    def bind(self, q, k, v, case: Case, device: torch.device) -> Forward:
-        extra = self._example_inputs(q, k, v, case.causal)
-        backend = self.backend(device)
+        def forward(q, k, v, **flags):  # flags (return_block_mask, a block_mask of its own) win
+            return method(q, k, v, causal=case.causal, backend=backend, **{**inputs, **flags})
 
-        def forward(q, k, v, **flags):  # flags given at call time override the example inputs
-            return self.method(q, k, v, causal=case.causal, backend=backend, **{**extra, **flags})
+        return Bound(forward, inputs)
 
-        return forward
+    def backend(self, device: torch.device) -> str | None:
+        return self.ran_backend
+
+
+def grid_points(grid: dict[str, tuple]) -> list[dict[str, Any]]:
+    """Every combination of the grid's values, in the order given: {a: (1, 2), b: (3,)} ->
+    [{a: 1, b: 3}, {a: 2, b: 3}]. No grid is one point, the registry defaults."""
+    names = list(grid)
+    return [dict(zip(names, values)) for values in itertools.product(*(grid[n] for n in names))]
+
+
+def _as_registry_value(info, name: str, value):
+    """YAML lists are tuples in the registry (window_size): a grid of a list-valued parameter must be
+    a list of lists, and each point becomes a tuple."""
+    if not isinstance(info.params.get(name), tuple):
+        return value
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"params: {info.name}.{name} takes a list (default {list(info.params[name])}); give "
+                          f"its values as a list of lists, e.g. {name}: [{list(info.params[name])}], got {value!r}")
+    return tuple(value)
+
+
+def zoo_contenders(name: str, grid: dict[str, tuple], backend: str) -> list[ZooMethod]:
+    """One contender per point of `name`'s parameter grid."""
+    info = attnzoo.info(name)
+    points = grid_points(grid)
+    return [ZooMethod(name, {k: _as_registry_value(info, k, v) for k, v in point.items()}, backend)
+            for point in points]
 
 
 @dataclass
@@ -131,16 +183,22 @@ class Baseline:
 
     name: str
     family: str
-    make: Callable[[Case], Forward]
+    make: Callable[[Case, dict[str, Any]], Forward]
     available: Callable[[Case, torch.device], str | None]
+    exact_as: str = "dense"  # the registry method whose exact definition it computes
+    inputs_of: str | None = None  # the registry method whose extra inputs it takes (fla_gla: gla's gate)
     supports_backward: bool = True
     returns_block_mask: bool = False
     kind = "baseline"
-    params: dict[str, Any] = field(default_factory=dict)
+    params_set: dict[str, Any] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
         return self.name
+
+    @property
+    def received(self) -> dict[str, Any]:
+        return {}
 
     def backend(self, device: torch.device) -> str:
         return self.name
@@ -148,16 +206,18 @@ class Baseline:
     def skip_reason(self, case: Case, device: torch.device) -> str | None:
         return self.available(case, device)
 
-    def bind(self, q, k, v, case: Case, device: torch.device) -> Forward:
-        return self.make(case)
+    def bind(self, q, k, v, case: Case, device: torch.device, seed: int) -> Bound:
+        inputs = {} if self.inputs_of is None else method_inputs.build(
+            self.inputs_of, q, k, v, causal=case.causal, params={}, seed=seed)
+        return Bound(self.make(case, inputs), inputs)
 
 
 def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def _sdpa(sdp_backend_name: str) -> Callable[[Case], Forward]:
-    def make(case: Case) -> Forward:
+def _sdpa(sdp_backend_name: str) -> Callable[[Case, dict], Forward]:
+    def make(case: Case, inputs: dict) -> Forward:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         sdp_backend = getattr(SDPBackend, sdp_backend_name)
@@ -172,7 +232,7 @@ def _sdpa(sdp_backend_name: str) -> Callable[[Case], Forward]:
     return make
 
 
-def _flash_attn(case: Case) -> Forward:
+def _flash_attn(case: Case, inputs: dict) -> Forward:
     from flash_attn import flash_attn_func
 
     def forward(q, k, v):  # flash-attn's layout is (B, N, H, D)
@@ -182,27 +242,20 @@ def _flash_attn(case: Case) -> Forward:
     return forward
 
 
-def _fla_gla(case: Case) -> Forward:
+def _fla_gla(case: Case, inputs: dict) -> Forward:
     from fla.ops.gla import chunk_gla
 
-    gates: dict[tuple, torch.Tensor] = {}
+    gate = inputs["g"].transpose(1, 2)  # the gate attnzoo's gla gets, in fla's (B, T, H, D) layout
 
-    def forward(q, k, v):  # fla's layout is (B, T, H, D); the gate is GLA's log-sigmoid forget gate
-        key = (q.shape, q.device, q.dtype)
-        if key not in gates:
-            generator = torch.Generator(device=q.device).manual_seed(0)
-            raw = torch.randn(q.transpose(1, 2).shape, generator=generator, device=q.device)
-            gates[key] = (F.logsigmoid(raw) / 16).to(q.dtype)
-        heads_per_kv = q.shape[1] // k.shape[1]
-        k, v = (t.repeat_interleave(heads_per_kv, dim=1) for t in (k, v))
-        out, _ = chunk_gla(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), gates[key])
+    def forward(q, k, v):
+        out, _ = chunk_gla(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), gate)
         return out.transpose(1, 2)
 
     return forward
 
 
 def _needs(*, cuda: bool = False, module: str | None = None, causal_only: bool = False,
-           half_only: bool = False) -> Callable[[Case, torch.device], str | None]:
+           half_only: bool = False, mha_only: bool = False) -> Callable[[Case, torch.device], str | None]:
     def available(case: Case, device: torch.device) -> str | None:
         if module and not _installed(module):
             return f"{module} is not installed"
@@ -212,6 +265,8 @@ def _needs(*, cuda: bool = False, module: str | None = None, causal_only: bool =
             return "causal only"
         if half_only and case.dtype not in ("float16", "bfloat16"):
             return "float16/bfloat16 only"
+        if mha_only and case.heads != case.kv_heads:
+            return "no grouped-query attention"
         return None
 
     return available
@@ -223,7 +278,8 @@ BASELINES = {
     "flash_attn": lambda: Baseline("flash_attn", "exact", _flash_attn,
                                    _needs(cuda=True, module="flash_attn", half_only=True)),
     "fla_gla": lambda: Baseline("fla_gla", "linear", _fla_gla,
-                                _needs(cuda=True, module="fla", causal_only=True, half_only=True)),
+                                _needs(cuda=True, module="fla", causal_only=True, half_only=True, mha_only=True),
+                                exact_as="gla", inputs_of="gla"),
 }
 
 

@@ -1,4 +1,4 @@
-"""What a row reports besides its time: FLOPs, density and error against dense.
+"""What a row reports besides its time and errors: FLOPs and density.
 
 FLOP convention (FlashAttention-2's, also the Triton tutorial's): a forward is two GEMMs,
 2*N*M*D + 2*N*M*Dv per (batch, head) = 4*B*H*N*M*D when Dv = D, halved for causal; fwd+bwd counts
@@ -59,9 +59,3 @@ def computed_flops(block_mask, batch: int, heads: int, seqlen: int, kv_seqlen: i
     pairs = torch.einsum("bhij,i,j->", kept.double(), rows, cols).item()
     broadcast = batch * heads / (kept.shape[0] * kept.shape[1])
     return 2.0 * pairs * broadcast * (head_dim + v_dim) * mode_factor(mode)
-
-
-def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
-    """||out - reference|| / ||reference|| (Frobenius, in float64)."""
-    out, reference = out.double(), reference.double()
-    return (torch.linalg.vector_norm(out - reference) / torch.linalg.vector_norm(reference)).item()

@@ -24,11 +24,11 @@ class Progress:
             return None
         return tqdm(total=total, file=self.stream, unit="run", dynamic_ncols=True, leave=False)
 
-    def advance(self, label: str) -> None:
-        self.done += 1
+    def advance(self, label: str, steps: int = 1) -> None:
+        self.done += steps
         if self._bar is not None:
             self._bar.set_postfix_str(label, refresh=False)
-            self._bar.update(1)
+            self._bar.update(steps)
         else:
             print(f"[{self.done}/{self.total}] {label}", file=self.stream, flush=True)
 

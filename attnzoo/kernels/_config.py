@@ -1,6 +1,7 @@
-"""Launch plumbing shared by the Triton kernels: tile choice, autotuning, output allocation.
+"""Host-side launch plumbing shared by the Triton launchers: tile choice, autotune pruning, dot
+precision, output allocation. (The shared device-side helpers live in _common.py.)
 
-On CUDA the kernels are autotuned over a small list of configs. Under the Triton interpreter
+On CUDA the flash kernels are autotuned over a small list of configs. Under the Triton interpreter
 (TRITON_INTERPRET=1, CPU tensors) there is nothing to tune, so a launcher calls the plain kernel with
 one small tile (ATTNZOO_INTERPRET_TILE, default 16) so that tiny test shapes still cross several
 tiles, ragged tails and diagonal blocks.
@@ -11,31 +12,33 @@ test notices any element a kernel forgets to write (the test suite sets it).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 
-from ..backend import triton_interpreting
+from .._env import interpret_tile, poisoning, triton_interpreting
 
-__all__ = ["triton_interpreting", "interpret_tile", "new_output", "dot_precision", "next_pow2", "prune_for_sparse"]
+__all__ = ["triton_interpreting", "interpret_tile", "fixed_tile", "new_output", "dot_precision", "next_pow2",
+           "prune_for_sparse"]
 
 
-def interpret_tile() -> int:
-    return int(os.environ.get("ATTNZOO_INTERPRET_TILE", "16"))
+def fixed_tile(cuda_tile: int) -> int:
+    """The tile of a kernel launched without autotuning: `cuda_tile` on a GPU, the interpreter tile
+    under the interpreter."""
+    return interpret_tile() if triton_interpreting() else cuda_tile
 
 
 def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
     """An output buffer for a kernel to fill: NaN-poisoned when ATTNZOO_POISON=1, else uninitialised."""
-    if os.environ.get("ATTNZOO_POISON", "0") == "1":
+    if poisoning():
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """The PRECISION constexpr of the kernels' dots. fp32 inputs get exact fp32 products ("ieee",
-    not tf32): attnzoo promises fp32 accuracy in fp32. "upcast" works around the Triton interpreter,
-    whose tl.dot computes garbage for bf16 operands: there the kernel upcasts them to fp32 first."""
+    """The PRECISION constexpr of the kernels' dots (_common._dot). fp32 inputs get exact fp32
+    products ("ieee", not tf32): attnzoo promises fp32 accuracy in fp32. "upcast" works around the
+    Triton interpreter, whose tl.dot computes garbage for bf16 operands: there the kernel upcasts them
+    to fp32 first."""
     if dtype == torch.float32:
         return "ieee"
     if dtype == torch.bfloat16 and triton_interpreting():

@@ -4,8 +4,9 @@ For every (batch, query head, query block, key block) the kernel returns the lar
 probability inside the block, max_{i in qblock, j in kblock} exp(scale q_i . k_j - lse_i), where lse
 is the row logsumexp that the flash forward already saved (attnzoo/kernels/flash.py): with each
 row's final statistic known, one more pass over the score tiles turns every score into its exact
-probability. It reuses the flash kernel's tile loads and visibility test (bottom-right aligned
-causal, ragged tails); causal calls skip key blocks past the diagonal and write 0 there.
+probability. It shares the flash kernel's tile loads, scores and visibility test (_common.py:
+bottom-right aligned causal, ragged tails); causal calls skip key blocks past the diagonal and write
+0 there.
 
 Grid (query blocks, B * Hq); each program walks the key blocks of its query block and, inside a
 (block x block) pair, the (BLOCK_M x BLOCK_N) tiles; the running maximum stays in a register.
@@ -20,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import dot_precision, interpret_tile, new_output, next_pow2, triton_interpreting
-from .flash import LOG2E, _dot, _load_rows, _visible
+from ._common import _dot, _head, _load_lse_log2, _load_rows, _scores_log2, _visible
+from ._config import dot_precision, fixed_tile, new_output, next_pow2
 
 
 @triton.jit
@@ -30,7 +31,7 @@ def _tile_max_prob(q, lse2, K, stride_kn, stride_kd, start_n, offs_m, offs_d, D,
     """Largest probability of the (BLOCK_M, BLOCK_N) tile of keys [start_n, +BLOCK_N); 0 where masked."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = _load_rows(K, offs_n, stride_kn, M, offs_d, stride_kd, D)  # (BLOCK_N, BLOCK_D)
-    s = _dot(q, tl.trans(k), PRECISION) * (scale * LOG2E)  # (BLOCK_M, BLOCK_N), log2 units
+    s = _scores_log2(_dot(q, tl.trans(k), PRECISION), scale, 0.0, False)  # (BLOCK_M, BLOCK_N), log2 units
     keep = _visible(offs_m[:, None], offs_n[None, :], M, diag, 0, 0, False, CAUSAL)
     p = tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)
     return tl.max(tl.max(p, 1), 0)
@@ -50,9 +51,8 @@ def _block_target_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // HQ
     h = pid_bh % HQ
-    kvh = h // GROUP
-    Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    K += b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
+    Q = _head(Q, b, h, stride_qb, stride_qh)
+    K = _head(K, b, h // GROUP, stride_kb, stride_kh)
     LSE += pid_bh.to(tl.int64) * N
     OUT += (pid_bh.to(tl.int64) * tl.cdiv(N, BLOCK) + pid_qb) * N_KB
     offs_d = tl.arange(0, BLOCK_D)
@@ -68,8 +68,7 @@ def _block_target_kernel(
         for t in tl.static_range(BLOCK // BLOCK_M):
             offs_m = q_first + t * BLOCK_M + tl.arange(0, BLOCK_M)
             q = _load_rows(Q, offs_m, stride_qn, N, offs_d, stride_qd, D)  # (BLOCK_M, BLOCK_D)
-            lse = tl.load(LSE + offs_m, mask=offs_m < N, other=float("inf"))
-            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)  # rows that see nothing: p = 0
+            lse2 = _load_lse_log2(LSE, offs_m, N)  # (BLOCK_M,); +inf for rows that see nothing: p = 0
             for u in tl.static_range(BLOCK // BLOCK_N):
                 block_max = tl.maximum(block_max, _tile_max_prob(
                     q, lse2, K, stride_kn, stride_kd, kb * BLOCK + u * BLOCK_N, offs_m, offs_d, D, M, diag,
@@ -87,8 +86,7 @@ def block_max_probs(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, scal
     Hk, M = k.shape[1], k.shape[2]
     n_qb, n_kb = triton.cdiv(N, block_size), triton.cdiv(M, block_size)
     out = new_output((B, Hq, n_qb, n_kb), torch.float32, q.device)
-    tile = interpret_tile() if triton_interpreting() else 64
-    tile = min(tile, block_size)
+    tile = min(fixed_tile(64), block_size)
     _block_target_kernel[(n_qb, B * Hq)](
         q, k, lse.contiguous(), out, *q.stride(), *k.stride(), Hq, N, M, D, Hq // Hk, n_kb, scale,
         CAUSAL=causal, BLOCK=block_size, BLOCK_M=tile, BLOCK_N=tile, BLOCK_D=next_pow2(D),

@@ -13,6 +13,20 @@ One kernel family serves every exact and block-sparse method:
   pass walks the transposed lists;
 - rows that see no key produce 0 and lse = -inf, and get zero gradients.
 
+Every pass has three levels, like `_attn_fwd_inner` in Triton's fused-attention tutorial: a *tile*
+helper (the loop body: one key tile, or one query tile for dK/dV), a *span* helper that owns the loop
+over a contiguous range of tiles, and a *listed* helper that owns the loop over the blocks of one
+sparse list (each block cut into tiles). A kernel reads: prologue (offsets, loads, accumulators);
+two listed calls (sparse: full blocks unmasked, partial blocks masked) or three span calls (dense:
+masked edge, unmasked middle, masked edge); epilogue (normalise, store).
+
+    _flash_fwd_kernel    _fwd_listed | _fwd_span      over _fwd_tile
+    _flash_dq_kernel     _dq_listed | _dq_span        over _dq_tile
+    _flash_dkdv_kernel   _dkdv_listed | _dkdv_span    over _dkdv_tile   (inside the GQA group loop)
+
+Helper arguments come in one order: the accumulators, where to go (tile range, or the list's count
+and index pointers), MASKED, then the same context for every call of the pass.
+
 Shapes at the boundary: q (B, Hq, N, D), k (B, Hk, M, D), v (B, Hk, M, Dv), any strides;
 o (B, Hq, N, Dv) in q's dtype; lse and delta (B, Hq, N) fp32 contiguous. Offsets are 64-bit.
 """
@@ -23,85 +37,19 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import interpret_tile, new_output, next_pow2, dot_precision, prune_for_sparse, triton_interpreting
-
-LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
-
-
-# ----------------------------------------------------------------------------------------------
-# Shared pieces
-# ----------------------------------------------------------------------------------------------
-
-@triton.jit
-def _tanh(x):
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+from ._common import (LN2, _dot, _head, _load_row_stats, _load_rows, _online_softmax, _partner_tiles,
+                      _scores_log2, _softcap_grad, _store_rows, _visible)
+from ._config import (dot_precision, fixed_tile, interpret_tile, new_output, next_pow2, prune_for_sparse,
+                      triton_interpreting)
 
 
 @triton.jit
-def _dot(a, b, PRECISION: tl.constexpr):
-    """a @ b with fp32 accumulation; PRECISION comes from _config.dot_precision."""
-    if PRECISION == "upcast":
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=PRECISION)
-
-
-@triton.jit
-def _visible(rows, cols, M, diag, window_left, window_right,
-             HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
-    """Bool tile: key `cols` visible to query `rows` (broadcastable index tensors)."""
-    keep = cols < M
-    rel = cols - rows - diag
-    if HAS_RIGHT:
-        keep = keep & (rel <= window_right)
-    if HAS_LEFT:
-        keep = keep & (rel >= -window_left)
-    return keep
-
-
-@triton.jit
-def _partner_tiles(first, last, extent, lo_off, hi_off,
-                   HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, TILE: tl.constexpr):
-    """Tiles of the other axis seen by rows [first, last], where row x sees [x + lo_off, x + hi_off]
-    clipped to [0, extent). Returns tile indices lo <= full_lo <= full_hi <= hi: tiles in
-    [full_lo, full_hi) are visible to every row and lie inside `extent`, so they need no mask."""
-    lo = 0
-    full_lo = 0
-    hi = extent
-    full_hi = extent
-    if HAS_LO:
-        lo = tl.maximum(first + lo_off, 0)
-        full_lo = tl.maximum(last + lo_off, 0)
-    if HAS_HI:
-        hi = tl.minimum(tl.maximum(last + hi_off + 1, 0), extent)
-        full_hi = tl.minimum(tl.maximum(first + hi_off + 1, 0), extent)
-    t_lo = lo // TILE
-    t_hi = (hi + TILE - 1) // TILE
-    t_full_lo = tl.minimum(tl.maximum((full_lo + TILE - 1) // TILE, t_lo), t_hi)
-    t_full_hi = tl.minimum(tl.maximum(full_hi // TILE, t_full_lo), t_hi)
-    return t_lo, t_full_lo, t_full_hi, t_hi
-
-
-@triton.jit
-def _scores_log2(qk, scale, softcap, HAS_SOFTCAP: tl.constexpr):
-    """Raw q.k -> softmax scores in log2 units (scale, then softcap * tanh(. / softcap))."""
-    if HAS_SOFTCAP:
-        return softcap * _tanh(qk * (scale / softcap)) * LOG2E
-    return qk * (scale * LOG2E)
-
-
-@triton.jit
-def _softcap_grad(qk, scale, softcap):
-    """d softcap(x) / dx at x = scale * q.k: 1 - tanh^2."""
-    t = _tanh(qk * (scale / softcap))
-    return 1.0 - t * t
-
-
-@triton.jit
-def _load_rows(ptr, rows, stride_row, n_rows, cols, stride_col, n_cols):
-    """Load a (len(rows), len(cols)) tile, zero outside [0, n_rows) x [0, n_cols)."""
-    return tl.load(ptr + rows[:, None].to(tl.int64) * stride_row + cols[None, :] * stride_col,
-                   mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
+def _index_row(b, h, block, stride_cb, stride_ch, stride_cr, stride_ib, stride_ih, stride_ir):
+    """Offsets of the sparse index row of (b, h, block): into a count tensor (B, H, n_blocks) and into
+    an index tensor (B, H, n_blocks, max_count); broadcast dimensions have stride 0."""
+    count = b * stride_cb + h * stride_ch + block * stride_cr
+    lists = b.to(tl.int64) * stride_ib + h.to(tl.int64) * stride_ih + block * stride_ir
+    return count, lists
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,27 +57,56 @@ def _load_rows(ptr, rows, stride_row, n_rows, cols, stride_col, n_cols):
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def _fwd_tile(acc, row_sum, row_max, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-              start_n, offs_m, offs_d, offs_dv, D, DV, M, diag, window_left, window_right, scale, softcap,
-              MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-              HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """One key tile of the online softmax: update (acc, row_sum, row_max) with keys [start_n, +BLOCK_N)."""
+def _fwd_tile(acc, row_sum, row_max, start_n, MASKED: tl.constexpr,
+              q, offs_m, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, M, D, DV,
+              diag, window_left, window_right, scale, softcap,
+              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+              BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """One key tile of the online softmax: update (acc, row_sum, row_max) with keys [start_n, +BLOCK_N).
+    acc (BLOCK_M, BLOCK_DV), row_sum and row_max (BLOCK_M,) fp32; q (BLOCK_M, BLOCK_D)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = _load_rows(K, offs_n, stride_kn, M, offs_d, stride_kd, D)  # (BLOCK_N, BLOCK_D)
-    s = _scores_log2(_dot(q, tl.trans(k), PRECISION), scale, softcap, HAS_SOFTCAP)
+    s = _scores_log2(_dot(q, tl.trans(k), PRECISION), scale, softcap, HAS_SOFTCAP)  # (BLOCK_M, BLOCK_N)
     if MASKED:
         keep = _visible(offs_m[:, None], offs_n[None, :], M, diag, window_left, window_right, HAS_LEFT, HAS_RIGHT)
         s = tl.where(keep, s, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(s, 1))
-        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows with nothing visible yet
-    else:
-        new_max = tl.maximum(row_max, tl.max(s, 1))
-        safe_max = new_max
-    p = tl.exp2(s - safe_max[:, None])  # (BLOCK_M, BLOCK_N)
-    alpha = tl.exp2(row_max - safe_max)
+    p, alpha, row_max = _online_softmax(s, row_max, MASKED)  # only a masked tile can leave a row empty
     v = _load_rows(V, offs_n, stride_vn, M, offs_dv, stride_vd, DV)  # (BLOCK_N, BLOCK_DV)
     acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
-    return acc, row_sum * alpha + tl.sum(p, 1), new_max
+    return acc, row_sum * alpha + tl.sum(p, 1), row_max
+
+
+@triton.jit
+def _fwd_span(acc, row_sum, row_max, tile_lo, tile_hi, MASKED: tl.constexpr,
+              q, offs_m, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, M, D, DV,
+              diag, window_left, window_right, scale, softcap,
+              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+              BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """_fwd_tile over the key tiles [tile_lo, tile_hi), i.e. keys [tile_lo * BLOCK_N, tile_hi * BLOCK_N)."""
+    for t in range(tile_lo, tile_hi):
+        acc, row_sum, row_max = _fwd_tile(
+            acc, row_sum, row_max, t * BLOCK_N, MASKED,
+            q, offs_m, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, M, D, DV,
+            diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BLOCK_N, PRECISION)
+    return acc, row_sum, row_max
+
+
+@triton.jit
+def _fwd_listed(acc, row_sum, row_max, COUNT, INDEX, MASKED: tl.constexpr,
+                q, offs_m, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, M, D, DV,
+                diag, window_left, window_right, scale, softcap,
+                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                SPARSE_K: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """_fwd_tile over the *COUNT key blocks listed at INDEX, each SPARSE_K keys (SPARSE_K // BLOCK_N tiles)."""
+    for i in range(tl.load(COUNT)):
+        key_block = tl.load(INDEX + i)
+        for t in tl.static_range(SPARSE_K // BLOCK_N):
+            acc, row_sum, row_max = _fwd_tile(
+                acc, row_sum, row_max, key_block * SPARSE_K + t * BLOCK_N, MASKED,
+                q, offs_m, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, M, D, DV,
+                diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BLOCK_N,
+                PRECISION)
+    return acc, row_sum, row_max
 
 
 @triton.jit
@@ -152,71 +129,57 @@ def _flash_fwd_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // HQ
     h = pid_bh % HQ
-    kvh = h // GROUP
-    Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    K += b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
-    V += b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
-    O += b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-
+    K = _head(K, b, h // GROUP, stride_kb, stride_kh)
+    V = _head(V, b, h // GROUP, stride_vb, stride_vh)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = _load_rows(Q, offs_m, stride_qn, N, offs_d, stride_qd, D)  # (BLOCK_M, BLOCK_D)
+    q = _load_rows(_head(Q, b, h, stride_qb, stride_qh), offs_m, stride_qn, N, offs_d, stride_qd, D)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
     row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     row_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     diag = M - N
 
-    if SPARSE_Q > 0:
-        row = b * stride_cb + h * stride_ch + (start_m // SPARSE_Q) * stride_cr
-        lists = b.to(tl.int64) * stride_ib + h.to(tl.int64) * stride_ih + (start_m // SPARSE_Q) * stride_ir
-        for i in range(tl.load(COUNT_FULL + row)):
-            key_block = tl.load(INDEX_FULL + lists + i)
-            for t in tl.static_range(SPARSE_K // BLOCK_N):
-                acc, row_sum, row_max = _fwd_tile(
-                    acc, row_sum, row_max, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-                    key_block * SPARSE_K + t * BLOCK_N, offs_m, offs_d, offs_dv, D, DV, M, diag,
-                    window_left, window_right, scale, softcap,
-                    False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BLOCK_N, PRECISION)
-        for i in range(tl.load(COUNT_PART + row)):
-            key_block = tl.load(INDEX_PART + lists + i)
-            for t in tl.static_range(SPARSE_K // BLOCK_N):
-                acc, row_sum, row_max = _fwd_tile(
-                    acc, row_sum, row_max, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-                    key_block * SPARSE_K + t * BLOCK_N, offs_m, offs_d, offs_dv, D, DV, M, diag,
-                    window_left, window_right, scale, softcap,
-                    True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BLOCK_N, PRECISION)
-    else:
+    if SPARSE_Q > 0:  # the listed key blocks: full ones unmasked, then partial ones masked
+        count, lists = _index_row(b, h, start_m // SPARSE_Q, stride_cb, stride_ch, stride_cr,
+                                  stride_ib, stride_ih, stride_ir)
+        acc, row_sum, row_max = _fwd_listed(
+            acc, row_sum, row_max, COUNT_FULL + count, INDEX_FULL + lists, False,
+            q, offs_m, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, M, D, DV,
+            diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, SPARSE_K, BLOCK_N,
+            PRECISION)
+        acc, row_sum, row_max = _fwd_listed(
+            acc, row_sum, row_max, COUNT_PART + count, INDEX_PART + lists, True,
+            q, offs_m, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, M, D, DV,
+            diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, SPARSE_K, BLOCK_N,
+            PRECISION)
+    else:  # the key tiles the window lets these rows see: masked edge, unmasked middle, masked edge
         t_lo, t_full_lo, t_full_hi, t_hi = _partner_tiles(
             start_m, tl.minimum(start_m + BLOCK_M, N) - 1, M, diag - window_left, diag + window_right,
             HAS_LEFT, HAS_RIGHT, BLOCK_N)
-        for t in range(t_lo, t_full_lo):
-            acc, row_sum, row_max = _fwd_tile(
-                acc, row_sum, row_max, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-                t * BLOCK_N, offs_m, offs_d, offs_dv, D, DV, M, diag, window_left, window_right, scale, softcap,
-                True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BLOCK_N, PRECISION)
-        for t in range(t_full_lo, t_full_hi):
-            acc, row_sum, row_max = _fwd_tile(
-                acc, row_sum, row_max, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-                t * BLOCK_N, offs_m, offs_d, offs_dv, D, DV, M, diag, window_left, window_right, scale, softcap,
-                False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BLOCK_N, PRECISION)
-        for t in range(t_full_hi, t_hi):
-            acc, row_sum, row_max = _fwd_tile(
-                acc, row_sum, row_max, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-                t * BLOCK_N, offs_m, offs_d, offs_dv, D, DV, M, diag, window_left, window_right, scale, softcap,
-                True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BLOCK_N, PRECISION)
+        acc, row_sum, row_max = _fwd_span(
+            acc, row_sum, row_max, t_lo, t_full_lo, True,
+            q, offs_m, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, M, D, DV,
+            diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BLOCK_N, PRECISION)
+        acc, row_sum, row_max = _fwd_span(
+            acc, row_sum, row_max, t_full_lo, t_full_hi, False,
+            q, offs_m, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, M, D, DV,
+            diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BLOCK_N, PRECISION)
+        acc, row_sum, row_max = _fwd_span(
+            acc, row_sum, row_max, t_full_hi, t_hi, True,
+            q, offs_m, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, M, D, DV,
+            diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BLOCK_N, PRECISION)
 
-    empty = row_sum == 0.0
+    empty = row_sum == 0.0  # rows that saw no key: o = 0, lse = -inf
     out = acc / tl.where(empty, 1.0, row_sum)[:, None]
     lse = tl.where(empty, float("-inf"), (row_max + tl.log2(tl.where(empty, 1.0, row_sum))) * LN2)
-    tl.store(O + offs_m[:, None].to(tl.int64) * stride_on + offs_dv[None, :] * stride_od,
-             out.to(O.dtype.element_ty), mask=(offs_m[:, None] < N) & (offs_dv[None, :] < DV))
+    _store_rows(_head(O, b, h, stride_ob, stride_oh), out, offs_m, stride_on, N, offs_dv, stride_od, DV)
     tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, lse, mask=offs_m < N)
 
 
 # ----------------------------------------------------------------------------------------------
-# Backward
+# Backward: delta, then dQ (per query tile) and dK/dV (per key tile)
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
@@ -230,28 +193,20 @@ def _delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_on, stride_od,
     h = pid_bh % HQ
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
-    o = _load_rows(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh, offs_m, stride_on, N,
-                   offs_dv, stride_od, DV)
-    do = _load_rows(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh, offs_m, stride_don, N,
-                    offs_dv, stride_dod, DV)
+    o = _load_rows(_head(O, b, h, stride_ob, stride_oh), offs_m, stride_on, N, offs_dv, stride_od, DV)
+    do = _load_rows(_head(DO, b, h, stride_dob, stride_doh), offs_m, stride_don, N, offs_dv, stride_dod, DV)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + pid_bh.to(tl.int64) * N + offs_m, delta, mask=offs_m < N)
 
 
 @triton.jit
-def _load_row_stats(LSE, DELTA, offs_m, N):
-    """lse in log2 units (+inf for rows that saw nothing or lie past N, so their p is 0) and delta."""
-    lse = tl.load(LSE + offs_m, mask=offs_m < N, other=float("inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
-    return lse2, tl.load(DELTA + offs_m, mask=offs_m < N, other=0.0)
-
-
-@triton.jit
-def _dq_tile(dq, q, do, lse2, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-             start_n, offs_m, offs_d, offs_dv, D, DV, M, diag, window_left, window_right, scale, softcap,
-             MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-             HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """dq += dS k for keys [start_n, +BLOCK_N), probabilities recomputed from the saved lse."""
+def _dq_tile(dq, start_n, MASKED: tl.constexpr,
+             q, do, lse2, delta, offs_m, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, M, D, DV,
+             diag, window_left, window_right, scale, softcap,
+             HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+             BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """dq += dS k for keys [start_n, +BLOCK_N), probabilities recomputed from the saved lse.
+    dq (BLOCK_M, BLOCK_D) fp32; q (BLOCK_M, BLOCK_D), do (BLOCK_M, BLOCK_DV); lse2, delta (BLOCK_M,)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = _load_rows(K, offs_n, stride_kn, M, offs_d, stride_kd, D)  # (BLOCK_N, BLOCK_D)
     v = _load_rows(V, offs_n, stride_vn, M, offs_dv, stride_vd, DV)  # (BLOCK_N, BLOCK_DV)
@@ -266,6 +221,39 @@ def _dq_tile(dq, q, do, lse2, delta, K, V, stride_kn, stride_kd, stride_vn, stri
     if HAS_SOFTCAP:
         ds = ds * _softcap_grad(qk, scale, softcap)
     return dq + _dot(ds.to(k.dtype), k, PRECISION)
+
+
+@triton.jit
+def _dq_span(dq, tile_lo, tile_hi, MASKED: tl.constexpr,
+             q, do, lse2, delta, offs_m, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, M, D, DV,
+             diag, window_left, window_right, scale, softcap,
+             HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+             BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """_dq_tile over the key tiles [tile_lo, tile_hi)."""
+    for t in range(tile_lo, tile_hi):
+        dq = _dq_tile(
+            dq, t * BLOCK_N, MASKED,
+            q, do, lse2, delta, offs_m, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, M, D, DV,
+            diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BLOCK_N, PRECISION)
+    return dq
+
+
+@triton.jit
+def _dq_listed(dq, COUNT, INDEX, MASKED: tl.constexpr,
+               q, do, lse2, delta, offs_m, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, M, D, DV,
+               diag, window_left, window_right, scale, softcap,
+               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+               SPARSE_K: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """_dq_tile over the *COUNT key blocks listed at INDEX, each SPARSE_K // BLOCK_N tiles."""
+    for i in range(tl.load(COUNT)):
+        key_block = tl.load(INDEX + i)
+        for t in tl.static_range(SPARSE_K // BLOCK_N):
+            dq = _dq_tile(
+                dq, key_block * SPARSE_K + t * BLOCK_N, MASKED,
+                q, do, lse2, delta, offs_m, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv,
+                M, D, DV, diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+                BLOCK_N, PRECISION)
+    return dq
 
 
 @triton.jit
@@ -289,71 +277,64 @@ def _flash_dq_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // HQ
     h = pid_bh % HQ
-    kvh = h // GROUP
-    K += b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
-    V += b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
-
+    K = _head(K, b, h // GROUP, stride_kb, stride_kh)
+    V = _head(V, b, h // GROUP, stride_vb, stride_vh)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = _load_rows(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, offs_m, stride_qn, N,
-                   offs_d, stride_qd, D)
-    do = _load_rows(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh, offs_m, stride_don, N,
-                    offs_dv, stride_dod, DV)
+    q = _load_rows(_head(Q, b, h, stride_qb, stride_qh), offs_m, stride_qn, N, offs_d, stride_qd, D)
+    do = _load_rows(_head(DO, b, h, stride_dob, stride_doh), offs_m, stride_don, N, offs_dv, stride_dod, DV)
     lse2, delta = _load_row_stats(LSE + pid_bh.to(tl.int64) * N, DELTA + pid_bh.to(tl.int64) * N, offs_m, N)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     diag = M - N
 
-    if SPARSE_Q > 0:
-        row = b * stride_cb + h * stride_ch + (start_m // SPARSE_Q) * stride_cr
-        lists = b.to(tl.int64) * stride_ib + h.to(tl.int64) * stride_ih + (start_m // SPARSE_Q) * stride_ir
-        for i in range(tl.load(COUNT_FULL + row)):
-            key_block = tl.load(INDEX_FULL + lists + i)
-            for t in tl.static_range(SPARSE_K // BLOCK_N):
-                dq = _dq_tile(dq, q, do, lse2, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-                              key_block * SPARSE_K + t * BLOCK_N, offs_m, offs_d, offs_dv, D, DV, M, diag,
-                              window_left, window_right, scale, softcap,
-                              False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BLOCK_N, PRECISION)
-        for i in range(tl.load(COUNT_PART + row)):
-            key_block = tl.load(INDEX_PART + lists + i)
-            for t in tl.static_range(SPARSE_K // BLOCK_N):
-                dq = _dq_tile(dq, q, do, lse2, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-                              key_block * SPARSE_K + t * BLOCK_N, offs_m, offs_d, offs_dv, D, DV, M, diag,
-                              window_left, window_right, scale, softcap,
-                              True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BLOCK_N, PRECISION)
-    else:
+    if SPARSE_Q > 0:  # the listed key blocks: full ones unmasked, then partial ones masked
+        count, lists = _index_row(b, h, start_m // SPARSE_Q, stride_cb, stride_ch, stride_cr,
+                                  stride_ib, stride_ih, stride_ir)
+        dq = _dq_listed(
+            dq, COUNT_FULL + count, INDEX_FULL + lists, False,
+            q, do, lse2, delta, offs_m, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, M, D, DV,
+            diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, SPARSE_K, BLOCK_N,
+            PRECISION)
+        dq = _dq_listed(
+            dq, COUNT_PART + count, INDEX_PART + lists, True,
+            q, do, lse2, delta, offs_m, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, M, D, DV,
+            diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, SPARSE_K, BLOCK_N,
+            PRECISION)
+    else:  # the key tiles the window lets these rows see: masked edge, unmasked middle, masked edge
         t_lo, t_full_lo, t_full_hi, t_hi = _partner_tiles(
             start_m, tl.minimum(start_m + BLOCK_M, N) - 1, M, diag - window_left, diag + window_right,
             HAS_LEFT, HAS_RIGHT, BLOCK_N)
-        for t in range(t_lo, t_full_lo):
-            dq = _dq_tile(dq, q, do, lse2, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-                          t * BLOCK_N, offs_m, offs_d, offs_dv, D, DV, M, diag, window_left, window_right,
-                          scale, softcap, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BLOCK_N, PRECISION)
-        for t in range(t_full_lo, t_full_hi):
-            dq = _dq_tile(dq, q, do, lse2, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-                          t * BLOCK_N, offs_m, offs_d, offs_dv, D, DV, M, diag, window_left, window_right,
-                          scale, softcap, False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BLOCK_N, PRECISION)
-        for t in range(t_full_hi, t_hi):
-            dq = _dq_tile(dq, q, do, lse2, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-                          t * BLOCK_N, offs_m, offs_d, offs_dv, D, DV, M, diag, window_left, window_right,
-                          scale, softcap, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BLOCK_N, PRECISION)
+        dq = _dq_span(
+            dq, t_lo, t_full_lo, True,
+            q, do, lse2, delta, offs_m, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, M, D, DV,
+            diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BLOCK_N, PRECISION)
+        dq = _dq_span(
+            dq, t_full_lo, t_full_hi, False,
+            q, do, lse2, delta, offs_m, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, M, D, DV,
+            diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BLOCK_N, PRECISION)
+        dq = _dq_span(
+            dq, t_full_hi, t_hi, True,
+            q, do, lse2, delta, offs_m, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, M, D, DV,
+            diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BLOCK_N, PRECISION)
 
-    DQ += b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
-    tl.store(DQ + offs_m[:, None].to(tl.int64) * stride_dqn + offs_d[None, :] * stride_dqd,
-             (dq * scale).to(DQ.dtype.element_ty), mask=(offs_m[:, None] < N) & (offs_d[None, :] < D))
+    _store_rows(_head(DQ, b, h, stride_dqb, stride_dqh), dq * scale, offs_m, stride_dqn, N, offs_d, stride_dqd, D)
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qn, stride_qd, stride_don, stride_dod,
-               start_m, offs_n, offs_d, offs_dv, D, DV, N, M, diag, window_left, window_right, scale, softcap,
-               MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-               HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
-    """dk += dS^T q, dv += P^T do for queries [start_m, +BLOCK_M), computed transposed (keys x queries)."""
+def _dkdv_tile(dk, dv, start_m, MASKED: tl.constexpr,
+               k, v, offs_n, Q, DO, LSE, DELTA, stride_qn, stride_qd, stride_don, stride_dod, offs_d, offs_dv, N, D, DV,
+               M, diag, window_left, window_right, scale, softcap,
+               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+               BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+    """dk += dS^T q, dv += P^T do for queries [start_m, +BLOCK_M), computed transposed (keys x queries).
+    dk (BLOCK_N, BLOCK_D), dv (BLOCK_N, BLOCK_DV) fp32; k (BLOCK_N, BLOCK_D), v (BLOCK_N, BLOCK_DV);
+    Q, DO, LSE, DELTA point at the query head being summed."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q = _load_rows(Q, offs_m, stride_qn, N, offs_d, stride_qd, D)  # (BLOCK_M, BLOCK_D)
     do = _load_rows(DO, offs_m, stride_don, N, offs_dv, stride_dod, DV)  # (BLOCK_M, BLOCK_DV)
-    lse2, delta = _load_row_stats(LSE, DELTA, offs_m, N)
+    lse2, delta = _load_row_stats(LSE, DELTA, offs_m, N)  # (BLOCK_M,)
     qk_t = _dot(k, tl.trans(q), PRECISION)  # (BLOCK_N, BLOCK_M)
     s_t = _scores_log2(qk_t, scale, softcap, HAS_SOFTCAP)
     if MASKED:
@@ -366,6 +347,39 @@ def _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qn, stride_qd, stride_don
     if HAS_SOFTCAP:
         ds_t = ds_t * _softcap_grad(qk_t, scale, softcap)
     return dk + _dot(ds_t.to(q.dtype), q, PRECISION), dv
+
+
+@triton.jit
+def _dkdv_span(dk, dv, tile_lo, tile_hi, MASKED: tl.constexpr,
+               k, v, offs_n, Q, DO, LSE, DELTA, stride_qn, stride_qd, stride_don, stride_dod, offs_d, offs_dv, N, D, DV,
+               M, diag, window_left, window_right, scale, softcap,
+               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+               BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+    """_dkdv_tile over the query tiles [tile_lo, tile_hi)."""
+    for t in range(tile_lo, tile_hi):
+        dk, dv = _dkdv_tile(
+            dk, dv, t * BLOCK_M, MASKED,
+            k, v, offs_n, Q, DO, LSE, DELTA, stride_qn, stride_qd, stride_don, stride_dod, offs_d, offs_dv, N, D, DV,
+            M, diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BLOCK_M, PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_listed(dk, dv, COUNT, INDEX, MASKED: tl.constexpr,
+                 k, v, offs_n, Q, DO, LSE, DELTA, stride_qn, stride_qd, stride_don, stride_dod, offs_d, offs_dv,
+                 N, D, DV, M, diag, window_left, window_right, scale, softcap,
+                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                 SPARSE_Q: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+    """_dkdv_tile over the *COUNT query blocks listed at INDEX, each SPARSE_Q // BLOCK_M tiles."""
+    for i in range(tl.load(COUNT)):
+        query_block = tl.load(INDEX + i)
+        for t in tl.static_range(SPARSE_Q // BLOCK_M):
+            dk, dv = _dkdv_tile(
+                dk, dv, query_block * SPARSE_Q + t * BLOCK_M, MASKED,
+                k, v, offs_n, Q, DO, LSE, DELTA, stride_qn, stride_qd, stride_don, stride_dod, offs_d, offs_dv,
+                N, D, DV, M, diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+                BLOCK_M, PRECISION)
+    return dk, dv
 
 
 @triton.jit
@@ -394,85 +408,75 @@ def _flash_dkdv_kernel(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = _load_rows(K + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh, offs_n, stride_kn, M,
-                   offs_d, stride_kd, D)  # (BLOCK_N, BLOCK_D)
-    v = _load_rows(V + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh, offs_n, stride_vn, M,
-                   offs_dv, stride_vd, DV)  # (BLOCK_N, BLOCK_DV)
+    k = _load_rows(_head(K, b, kvh, stride_kb, stride_kh), offs_n, stride_kn, M, offs_d, stride_kd, D)
+    v = _load_rows(_head(V, b, kvh, stride_vb, stride_vh), offs_n, stride_vn, M, offs_dv, stride_vd, DV)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
     diag = M - N
 
-    for g in range(GROUP):
+    for g in range(GROUP):  # the query heads that share this kv head
         h = kvh * GROUP + g
-        Qh = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-        DOh = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+        Qh = _head(Q, b, h, stride_qb, stride_qh)
+        DOh = _head(DO, b, h, stride_dob, stride_doh)
         LSEh = LSE + (b * HQ + h).to(tl.int64) * N
         DELTAh = DELTA + (b * HQ + h).to(tl.int64) * N
-        if SPARSE_Q > 0:
-            row = b * stride_cb + h * stride_ch + (start_n // SPARSE_K) * stride_cr
-            lists = b.to(tl.int64) * stride_ib + h.to(tl.int64) * stride_ih + (start_n // SPARSE_K) * stride_ir
-            for i in range(tl.load(COUNT_FULL + row)):
-                query_block = tl.load(INDEX_FULL + lists + i)
-                for t in tl.static_range(SPARSE_Q // BLOCK_M):
-                    dk, dv = _dkdv_tile(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qn, stride_qd, stride_don,
-                                        stride_dod, query_block * SPARSE_Q + t * BLOCK_M, offs_n, offs_d, offs_dv,
-                                        D, DV, N, M, diag, window_left, window_right, scale, softcap,
-                                        False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BLOCK_M, PRECISION)
-            for i in range(tl.load(COUNT_PART + row)):
-                query_block = tl.load(INDEX_PART + lists + i)
-                for t in tl.static_range(SPARSE_Q // BLOCK_M):
-                    dk, dv = _dkdv_tile(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qn, stride_qd, stride_don,
-                                        stride_dod, query_block * SPARSE_Q + t * BLOCK_M, offs_n, offs_d, offs_dv,
-                                        D, DV, N, M, diag, window_left, window_right, scale, softcap,
-                                        True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BLOCK_M, PRECISION)
-        else:
-            # queries that see key j: j - diag - right <= i <= j - diag + left
+        if SPARSE_Q > 0:  # the listed query blocks: full ones unmasked, then partial ones masked
+            count, lists = _index_row(b, h, start_n // SPARSE_K, stride_cb, stride_ch, stride_cr,
+                                      stride_ib, stride_ih, stride_ir)
+            dk, dv = _dkdv_listed(
+                dk, dv, COUNT_FULL + count, INDEX_FULL + lists, False,
+                k, v, offs_n, Qh, DOh, LSEh, DELTAh, stride_qn, stride_qd, stride_don, stride_dod, offs_d, offs_dv,
+                N, D, DV, M, diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+                SPARSE_Q, BLOCK_M, PRECISION)
+            dk, dv = _dkdv_listed(
+                dk, dv, COUNT_PART + count, INDEX_PART + lists, True,
+                k, v, offs_n, Qh, DOh, LSEh, DELTAh, stride_qn, stride_qd, stride_don, stride_dod, offs_d, offs_dv,
+                N, D, DV, M, diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+                SPARSE_Q, BLOCK_M, PRECISION)
+        else:  # the query tiles that see these keys (j - diag - right <= i <= j - diag + left)
             t_lo, t_full_lo, t_full_hi, t_hi = _partner_tiles(
                 start_n, tl.minimum(start_n + BLOCK_N, M) - 1, N, -diag - window_right, -diag + window_left,
                 HAS_RIGHT, HAS_LEFT, BLOCK_M)
-            for t in range(t_lo, t_full_lo):
-                dk, dv = _dkdv_tile(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qn, stride_qd, stride_don,
-                                    stride_dod, t * BLOCK_M, offs_n, offs_d, offs_dv, D, DV, N, M, diag,
-                                    window_left, window_right, scale, softcap,
-                                    True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BLOCK_M, PRECISION)
-            for t in range(t_full_lo, t_full_hi):
-                dk, dv = _dkdv_tile(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qn, stride_qd, stride_don,
-                                    stride_dod, t * BLOCK_M, offs_n, offs_d, offs_dv, D, DV, N, M, diag,
-                                    window_left, window_right, scale, softcap,
-                                    False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BLOCK_M, PRECISION)
-            for t in range(t_full_hi, t_hi):
-                dk, dv = _dkdv_tile(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qn, stride_qd, stride_don,
-                                    stride_dod, t * BLOCK_M, offs_n, offs_d, offs_dv, D, DV, N, M, diag,
-                                    window_left, window_right, scale, softcap,
-                                    True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BLOCK_M, PRECISION)
+            dk, dv = _dkdv_span(
+                dk, dv, t_lo, t_full_lo, True,
+                k, v, offs_n, Qh, DOh, LSEh, DELTAh, stride_qn, stride_qd, stride_don, stride_dod, offs_d, offs_dv,
+                N, D, DV, M, diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+                BLOCK_M, PRECISION)
+            dk, dv = _dkdv_span(
+                dk, dv, t_full_lo, t_full_hi, False,
+                k, v, offs_n, Qh, DOh, LSEh, DELTAh, stride_qn, stride_qd, stride_don, stride_dod, offs_d, offs_dv,
+                N, D, DV, M, diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+                BLOCK_M, PRECISION)
+            dk, dv = _dkdv_span(
+                dk, dv, t_full_hi, t_hi, True,
+                k, v, offs_n, Qh, DOh, LSEh, DELTAh, stride_qn, stride_qd, stride_don, stride_dod, offs_d, offs_dv,
+                N, D, DV, M, diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+                BLOCK_M, PRECISION)
 
-    DK += b.to(tl.int64) * stride_dkb + kvh.to(tl.int64) * stride_dkh
-    DV_OUT += b.to(tl.int64) * stride_dvb + kvh.to(tl.int64) * stride_dvh
-    tl.store(DK + offs_n[:, None].to(tl.int64) * stride_dkn + offs_d[None, :] * stride_dkd,
-             (dk * scale).to(DK.dtype.element_ty), mask=(offs_n[:, None] < M) & (offs_d[None, :] < D))
-    tl.store(DV_OUT + offs_n[:, None].to(tl.int64) * stride_dvn + offs_dv[None, :] * stride_dvd,
-             dv.to(DV_OUT.dtype.element_ty), mask=(offs_n[:, None] < M) & (offs_dv[None, :] < DV))
+    _store_rows(_head(DK, b, kvh, stride_dkb, stride_dkh), dk * scale, offs_n, stride_dkn, M, offs_d, stride_dkd, D)
+    _store_rows(_head(DV_OUT, b, kvh, stride_dvb, stride_dvh), dv, offs_n, stride_dvn, M, offs_dv, stride_dvd, DV)
 
 
 # ----------------------------------------------------------------------------------------------
 # Autotuning (CUDA) and launchers
 # ----------------------------------------------------------------------------------------------
 
-def _configs(shapes):
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
-
-
 _TUNE_KEY = ["TUNE_N", "TUNE_M", "BLOCK_D", "BLOCK_DV", "HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "SPARSE_Q", "SPARSE_K"]
-_FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3),
-                         (64, 32, 4, 4), (32, 32, 4, 3), (16, 16, 2, 2)])
-_DQ_CONFIGS = _configs([(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2),
-                        (16, 16, 2, 2)])
-_DKDV_CONFIGS = _configs([(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3), (32, 32, 4, 2),
-                          (16, 16, 2, 2)])
 
-_flash_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": prune_for_sparse})(_flash_fwd_kernel)
-_flash_dq_tuned = triton.autotune(_DQ_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": prune_for_sparse})(_flash_dq_kernel)
-_flash_dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": prune_for_sparse})(_flash_dkdv_kernel)
+
+def _autotuned(kernel, shapes):
+    """`kernel` autotuned over (BLOCK_M, BLOCK_N, num_warps, num_stages) configs; with a sparse index,
+    only the configs whose tiles divide the sparse blocks (prune_for_sparse)."""
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
+    return triton.autotune(configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": prune_for_sparse})(kernel)
+
+
+_flash_fwd_tuned = _autotuned(_flash_fwd_kernel, [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 32, 4, 4),
+                                                  (64, 64, 4, 3), (64, 32, 4, 4), (32, 32, 4, 3), (16, 16, 2, 2)])
+_flash_dq_tuned = _autotuned(_flash_dq_kernel, [(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 3),
+                                                (32, 32, 4, 2), (16, 16, 2, 2)])
+_flash_dkdv_tuned = _autotuned(_flash_dkdv_kernel, [(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3),
+                                                    (32, 32, 4, 2), (16, 16, 2, 2)])
 
 
 def _launch(plain, tuned, grid_rows, grid_cols, args, meta, tile_axis: str):
@@ -533,7 +537,7 @@ def flash_bwd(do, q, k, v, o, lse, *, scale: float, window=(-1, -1), softcap: fl
     B, Hq, N, D = q.shape
     Hk, M, Dv = k.shape[1], k.shape[2], v.shape[-1]
     delta = new_output((B, Hq, N), torch.float32, q.device)
-    delta_tile = interpret_tile() if triton_interpreting() else 64
+    delta_tile = fixed_tile(64)
     _delta_kernel[(triton.cdiv(N, delta_tile), B * Hq)](
         o, do, delta, *o.stride(), *do.stride(), Hq, N, Dv, BLOCK_M=delta_tile, BLOCK_DV=next_pow2(Dv))
     if dlse is not None:

@@ -30,10 +30,17 @@ from ._config import interpret_tile, new_output, next_pow2, triton_interpreting
 
 
 @triton.jit
-def _load_rows(ptr, bh, rows, cols, N, D):
-    """Tile (len(rows), len(cols)) of a (BH, N, D) tensor in fp32, zero outside."""
+def _load_tile_f32(ptr, bh, rows, cols, N, D):
+    """Tile (len(rows), len(cols)) of a contiguous (BH, N, D) tensor, upcast to fp32, zero outside."""
     mask = (rows[:, None] < N) & (cols[None, :] < D)
     return tl.load(ptr + bh * N * D + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_tile(ptr, value, bh, rows, cols, N, D):
+    """Store tile (rows, cols) of a contiguous (BH, N, D) tensor, inside [0, N) x [0, D) only."""
+    mask = (rows[:, None] < N) & (cols[None, :] < D)
+    tl.store(ptr + bh * N * D + rows[:, None] * D + cols[None, :], value, mask=mask)
 
 
 @triton.jit
@@ -47,11 +54,25 @@ def _state_offsets(bh, chunk, NT, rows, cols, K, V, PER_CHUNK: tl.constexpr):
 
 
 @triton.jit
+def _load_state(states, bh, chunk, NT, rows, cols, K, V, PER_CHUNK: tl.constexpr):
+    """Tile (rows, cols) of state `chunk` (see _state_offsets), zero outside (K, V)."""
+    offs, mask = _state_offsets(bh, chunk, NT, rows, cols, K, V, PER_CHUNK)
+    return tl.load(states + offs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_state(states, value, bh, chunk, NT, rows, cols, K, V, PER_CHUNK: tl.constexpr):
+    """Store tile (rows, cols) of state `chunk` (see _state_offsets), inside (K, V) only."""
+    offs, mask = _state_offsets(bh, chunk, NT, rows, cols, K, V, PER_CHUNK)
+    tl.store(states + offs, value, mask=mask)
+
+
+@triton.jit
 def _chunk_log_decay(g, bh, rows, cols, N, K, GATED: tl.constexpr):
     """(Gam (BT, BK) cumulative log gate within the chunk, Gam_last (BK,)); padded rows add 0.
     Without a gate, g is 0: Gam = 0."""
     if GATED:
-        g_tile = _load_rows(g, bh, rows, cols, N, K)
+        g_tile = _load_tile_f32(g, bh, rows, cols, N, K)
     else:
         g_tile = tl.zeros([rows.shape[0], cols.shape[0]], dtype=tl.float32)
     return tl.cumsum(g_tile, axis=0), tl.sum(g_tile, axis=0)
@@ -81,22 +102,20 @@ def _states_fwd(k, v, g, h0, chunk_states, final_state, N, K, V, NT,
     #    causal); final_state (BH, K, V) fp32
     i_k, i_v, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     keys, vals, t = i_k * BK + tl.arange(0, BK), i_v * BV + tl.arange(0, BV), tl.arange(0, BT)
-    one_offs, one_mask = _state_offsets(bh, 0, NT, keys, vals, K, V, False)
-    h = tl.zeros([BK, BV], dtype=tl.float32)
+    h = tl.zeros([BK, BV], dtype=tl.float32)  # (BK, BV)
     if HAS_INITIAL:
-        h = tl.load(h0 + one_offs, mask=one_mask, other=0.0)
+        h = _load_state(h0, bh, 0, NT, keys, vals, K, V, False)
     for n in range(0, NT):
         if STORE_CHUNKS:
-            offs, mask = _state_offsets(bh, n, NT, keys, vals, K, V, True)
-            tl.store(chunk_states + offs, h, mask=mask)
+            _store_state(chunk_states, h, bh, n, NT, keys, vals, K, V, True)
         rows = n * BT + t
-        k_tile = _load_rows(k, bh, rows, keys, N, K)
+        k_tile = _load_tile_f32(k, bh, rows, keys, N, K)
         if GATED:
             gam, last = _chunk_log_decay(g, bh, rows, keys, N, K, GATED)
             k_tile = k_tile * tl.exp(last[None, :] - gam)
             h = h * tl.exp(last)[:, None]
-        h += tl.dot(tl.trans(k_tile), _load_rows(v, bh, rows, vals, N, V), input_precision=PRECISION)
-    tl.store(final_state + one_offs, h, mask=one_mask)
+        h += tl.dot(tl.trans(k_tile), _load_tile_f32(v, bh, rows, vals, N, V), input_precision=PRECISION)
+    _store_state(final_state, h, bh, 0, NT, keys, vals, K, V, False)
 
 
 @triton.jit
@@ -113,19 +132,17 @@ def _output_fwd(q, k, v, g, states, out, scale, N, K, V, NT,
     scores = tl.zeros([BT, BT], dtype=tl.float32)
     for kb in range(0, tl.cdiv(K, BK)):
         keys = kb * BK + tl.arange(0, BK)
-        q_tile = _load_rows(q, bh, rows, keys, N, K)
+        q_tile = _load_tile_f32(q, bh, rows, keys, N, K)
         gam, _ = _chunk_log_decay(g, bh, rows, keys, N, K, GATED)
         if CAUSAL:
-            scores += _intra_scores(q_tile, _load_rows(k, bh, rows, keys, N, K), gam, causal_mask, GATED, PRECISION)
+            scores += _intra_scores(q_tile, _load_tile_f32(k, bh, rows, keys, N, K), gam, causal_mask, GATED, PRECISION)
         if GATED:
             q_tile = q_tile * tl.exp(gam)
-        offs, mask = _state_offsets(bh, n, NT, keys, vals, K, V, CAUSAL)
-        inter += tl.dot(q_tile, tl.load(states + offs, mask=mask, other=0.0), input_precision=PRECISION)
+        inter += tl.dot(q_tile, _load_state(states, bh, n, NT, keys, vals, K, V, CAUSAL), input_precision=PRECISION)
     if CAUSAL:
         scores = tl.where(causal_mask, scores, 0.0)
-        inter += tl.dot(scores, _load_rows(v, bh, rows, vals, N, V), input_precision=PRECISION)
-    out_mask = (rows[:, None] < N) & (vals[None, :] < V)
-    tl.store(out + bh * N * V + rows[:, None] * V + vals[None, :], scale * inter, mask=out_mask)
+        inter += tl.dot(scores, _load_tile_f32(v, bh, rows, vals, N, V), input_precision=PRECISION)
+    _store_tile(out, scale * inter, bh, rows, vals, N, V)
 
 
 @triton.jit
@@ -137,23 +154,21 @@ def _states_bwd(q, g, dout, dfinal, dstates, dh0, scale, N, K, V, NT,
     #    dh0 (BH, K, V) fp32: gradient of the initial state = of the total state when non-causal
     i_k, i_v, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     keys, vals, t = i_k * BK + tl.arange(0, BK), i_v * BV + tl.arange(0, BV), tl.arange(0, BT)
-    one_offs, one_mask = _state_offsets(bh, 0, NT, keys, vals, K, V, False)
-    dh = tl.zeros([BK, BV], dtype=tl.float32)
+    dh = tl.zeros([BK, BV], dtype=tl.float32)  # (BK, BV)
     if HAS_DFINAL:
-        dh = tl.load(dfinal + one_offs, mask=one_mask, other=0.0)
+        dh = _load_state(dfinal, bh, 0, NT, keys, vals, K, V, False)
     for r in range(0, NT):
         n = NT - 1 - r
         if STORE_CHUNKS:
-            offs, mask = _state_offsets(bh, n, NT, keys, vals, K, V, True)
-            tl.store(dstates + offs, dh, mask=mask)
+            _store_state(dstates, dh, bh, n, NT, keys, vals, K, V, True)
         rows = n * BT + t
-        q_tile = _load_rows(q, bh, rows, keys, N, K)
+        q_tile = _load_tile_f32(q, bh, rows, keys, N, K)
         if GATED:
             gam, last = _chunk_log_decay(g, bh, rows, keys, N, K, GATED)
             q_tile = q_tile * tl.exp(gam)
             dh = dh * tl.exp(last)[:, None]
-        dh += scale * tl.dot(tl.trans(q_tile), _load_rows(dout, bh, rows, vals, N, V), input_precision=PRECISION)
-    tl.store(dh0 + one_offs, dh, mask=one_mask)
+        dh += scale * tl.dot(tl.trans(q_tile), _load_tile_f32(dout, bh, rows, vals, N, V), input_precision=PRECISION)
+    _store_state(dh0, dh, bh, 0, NT, keys, vals, K, V, False)
 
 
 @triton.jit
@@ -171,15 +186,14 @@ def _dqk_bwd(q, k, v, g, states, dstates, dout, dq, dk, scale, N, K, V, NT,
     dk_inter = tl.zeros([BT, BK], dtype=tl.float32)
     for vb in range(0, tl.cdiv(V, BV)):
         vals = vb * BV + tl.arange(0, BV)
-        do_tile, v_tile = _load_rows(dout, bh, rows, vals, N, V), _load_rows(v, bh, rows, vals, N, V)
-        offs, mask = _state_offsets(bh, n, NT, keys, vals, K, V, CAUSAL)
-        h_tile = tl.load(states + offs, mask=mask, other=0.0)
-        dh_tile = tl.load(dstates + offs, mask=mask, other=0.0)
+        do_tile, v_tile = _load_tile_f32(dout, bh, rows, vals, N, V), _load_tile_f32(v, bh, rows, vals, N, V)
+        h_tile = _load_state(states, bh, n, NT, keys, vals, K, V, CAUSAL)  # (BK, BV)
+        dh_tile = _load_state(dstates, bh, n, NT, keys, vals, K, V, CAUSAL)
         if CAUSAL:
             d_scores += tl.dot(do_tile, tl.trans(v_tile), input_precision=PRECISION)
         dq_inter += tl.dot(do_tile, tl.trans(h_tile), input_precision=PRECISION)
         dk_inter += tl.dot(v_tile, tl.trans(dh_tile), input_precision=PRECISION)
-    q_tile, k_tile = _load_rows(q, bh, rows, keys, N, K), _load_rows(k, bh, rows, keys, N, K)
+    q_tile, k_tile = _load_tile_f32(q, bh, rows, keys, N, K), _load_tile_f32(k, bh, rows, keys, N, K)
     if GATED:
         gam, last = _chunk_log_decay(g, bh, rows, keys, N, K, GATED)
         dq_inter = dq_inter * tl.exp(gam)
@@ -193,10 +207,8 @@ def _dqk_bwd(q, k, v, g, states, dstates, dout, dq, dk, scale, N, K, V, NT,
         else:
             dq_inter += tl.dot(d_scores, k_tile, input_precision=PRECISION)
             dk_inter += scale * tl.dot(tl.trans(d_scores), q_tile, input_precision=PRECISION)
-    offs = bh * N * K + rows[:, None] * K + keys[None, :]
-    mask = (rows[:, None] < N) & (keys[None, :] < K)
-    tl.store(dq + offs, scale * dq_inter, mask=mask)
-    tl.store(dk + offs, dk_inter, mask=mask)
+    _store_tile(dq, scale * dq_inter, bh, rows, keys, N, K)
+    _store_tile(dk, dk_inter, bh, rows, keys, N, K)
 
 
 @triton.jit
@@ -213,20 +225,18 @@ def _dv_bwd(q, k, g, dstates, dout, dv, scale, N, K, V, NT,
     dv_tile = tl.zeros([BT, BV], dtype=tl.float32)
     for kb in range(0, tl.cdiv(K, BK)):
         keys = kb * BK + tl.arange(0, BK)
-        q_tile, k_tile = _load_rows(q, bh, rows, keys, N, K), _load_rows(k, bh, rows, keys, N, K)
+        q_tile, k_tile = _load_tile_f32(q, bh, rows, keys, N, K), _load_tile_f32(k, bh, rows, keys, N, K)
         gam, last = _chunk_log_decay(g, bh, rows, keys, N, K, GATED)
         if CAUSAL:
             scores += _intra_scores(q_tile, k_tile, gam, causal_mask, GATED, PRECISION)
         if GATED:
             k_tile = k_tile * tl.exp(last[None, :] - gam)
-        offs, mask = _state_offsets(bh, n, NT, keys, vals, K, V, CAUSAL)
-        dv_tile += tl.dot(k_tile, tl.load(dstates + offs, mask=mask, other=0.0), input_precision=PRECISION)
-    do_tile = _load_rows(dout, bh, rows, vals, N, V)
+        dv_tile += tl.dot(k_tile, _load_state(dstates, bh, n, NT, keys, vals, K, V, CAUSAL), input_precision=PRECISION)
+    do_tile = _load_tile_f32(dout, bh, rows, vals, N, V)
     if CAUSAL:
         scores = tl.where(causal_mask, scores, 0.0)
         dv_tile += scale * tl.dot(tl.trans(scores), do_tile, input_precision=PRECISION)
-    mask = (rows[:, None] < N) & (vals[None, :] < V)
-    tl.store(dv + bh * N * V + rows[:, None] * V + vals[None, :], dv_tile, mask=mask)
+    _store_tile(dv, dv_tile, bh, rows, vals, N, V)
 
 
 def _tiles(K: int, V: int, gated: bool) -> tuple[int, int]:

@@ -22,10 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import LOG2E, _dot, _head, _online_softmax
 from ._config import dot_precision, new_output, next_pow2, triton_interpreting
-from .flash import _dot  # the kernels' shared dot (fp32 accumulation, PRECISION from dot_precision)
-
-_LOG2E = 1.4426950408889634
 
 
 @triton.jit
@@ -79,12 +77,13 @@ def _antidiagonal_kernel(
     TILE_A: tl.constexpr, TILE_B: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    # q (B, H, N, D), k (B, H // GROUP, M, D) -> out (B, H, cdiv(N, GROUPS_Q * STRIDE), n_kb)
     q_block = tl.program_id(0)
     bh = tl.program_id(1)
     batch, head = bh // H, bh % H
-    Q += batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-    K += batch.to(tl.int64) * stride_kb + (head // GROUP).to(tl.int64) * stride_kh
-    OUT += batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh + q_block.to(tl.int64) * stride_oi
+    Q = _head(Q, batch, head, stride_qb, stride_qh)
+    K = _head(K, batch, head // GROUP, stride_kb, stride_kh)
+    OUT = _head(OUT, batch, head, stride_ob, stride_oh) + q_block.to(tl.int64) * stride_oi
 
     lane_a = tl.arange(0, TILE_A)
     q_groups = q_block * GROUPS_Q + lane_a  # (TILE_A,)
@@ -104,11 +103,8 @@ def _antidiagonal_kernel(
         logits = _group_logits(Q, K, q_groups, k_groups, stride_qn, stride_qd, stride_kn, stride_kd, N, M, D,
                                est_scale_log2, STRIDE, T_CHUNK, TILE_A, TILE_B, BLOCK_D, PRECISION)
         keep = _admissible(row_valid, last_query, k_groups, lane_b, N, M, STRIDE, GROUPS_K, CAUSAL)
-        logits = tl.where(keep, logits, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(logits, 1))
-        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-        row_sum = row_sum * tl.exp2(row_max - safe_max) + tl.sum(tl.exp2(logits - safe_max[:, None]), 1)
-        row_max = new_max
+        p, alpha, row_max = _online_softmax(tl.where(keep, logits, float("-inf")), row_max, True)
+        row_sum = row_sum * alpha + tl.sum(p, 1)
 
     safe_max = tl.where(row_max == float("-inf"), 0.0, row_max)
     inv_sum = 1.0 / tl.where(row_sum > 0, row_sum, float("inf"))  # 0 for rows with no key
@@ -145,7 +141,7 @@ def antidiagonal_block_scores(q: torch.Tensor, k: torch.Tensor, *, stride: int, 
     groups_q, groups_k = block_q // stride, block_k // stride
     _antidiagonal_kernel[(n_qb, B * Hq)](
         q, k, out, *q.stride(), *k.stride(), *out.stride(),
-        Hq, N, M, D, Hq // Hk, n_kb, scale / stride * _LOG2E,
+        Hq, N, M, D, Hq // Hk, n_kb, scale / stride * LOG2E.value,
         STRIDE=stride, T_CHUNK=t_chunk or stride_chunk(stride, next_pow2(D)), GROUPS_Q=groups_q, GROUPS_K=groups_k,
         TILE_A=max(16, groups_q), TILE_B=max(16, groups_k), BLOCK_D=next_pow2(D),
         CAUSAL=causal, PRECISION=dot_precision(q.dtype),

@@ -2,5 +2,7 @@
 then call a shared kernel. A module may also define
 
     example_kwargs(q, k, v, *, causal) -> dict   # extra inputs `attnzoo check` passes it
-    reference(q, k, v, *, causal, scale, **params) -> Tensor   # slow float64 version, if not dense
+
+A method's slow float64 version lives in attnzoo/reference/ (`attnzoo.reference.exact_output`),
+written from its definition with the reference's own primitives; methods never import it.
 """

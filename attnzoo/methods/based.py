@@ -17,8 +17,7 @@ import warnings
 
 import torch
 
-from .. import linear as _linear
-from ..reference import recurrent_linear_attention, taylor_features
+from ..ops import linear as _linear
 
 _WARN_HEAD_DIM = 64
 
@@ -61,8 +60,3 @@ def step(q_t, k_t, v_t, state=None, *, scale: float | None = None, use_norm: boo
     scale = q_t.shape[-1] ** -0.5 if scale is None else scale
     phi_q, phi_k = _features(q_t, k_t, scale)
     return _linear.step(phi_q, phi_k, v_t, state, scale=1.0, normalize=use_norm, eps=eps)
-
-
-def reference(q, k, v, *, causal, scale, use_norm=True, eps=1e-6, **params):
-    phi_q, phi_k = taylor_features(q, scale), taylor_features(k, scale)
-    return recurrent_linear_attention(phi_q, phi_k, v, causal=causal, normalize=use_norm, eps=eps)[0]

@@ -12,7 +12,7 @@ import torch
 
 from .. import masks
 from ..block_mask import BlockMask
-from ..flash import flash_attention
+from ..ops.flash import flash_attention
 
 
 def as_block_mask(block_mask, block_size, q: torch.Tensor, k: torch.Tensor) -> BlockMask:

@@ -8,7 +8,7 @@ method's parameters onto it.
 
 from __future__ import annotations
 
-from ..flash import flash_attention
+from ..ops.flash import flash_attention
 from ..validation import check_softcap, check_window
 
 
@@ -18,5 +18,5 @@ def dense(q, k, v, *, causal: bool, scale: float, backend: str, window_size=(-1,
     its (bottom-right aligned) diagonal, -1 = unbounded; `softcap` > 0 applies softcap * tanh(s / softcap)
     to the scaled scores (Gemma 2). Returns out (B, Hq, N, Dv), or (out, lse) with `return_lse`."""
     out, lse = flash_attention(q, k, v, scale=scale, causal=causal, window_size=check_window(window_size),
-                               softcap=check_softcap(softcap), backend=backend)
+                               softcap=check_softcap(softcap), backend=backend, need_lse=return_lse)
     return (out, lse) if return_lse else out

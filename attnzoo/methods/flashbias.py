@@ -25,14 +25,12 @@ from typing import NamedTuple
 
 import torch
 
-from ..flash import flash_attention
-from ..reference import attention as reference_attention
+from ..ops.flash import flash_attention, max_head_dim
 from ..validation import check_tensor
 
 DEFAULT_ENERGY = 0.999
 _DIGIT_BITS = 8  # base-256 digits: integers below 256 are exact in every float dtype (bfloat16 has 8 bits)
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_KERNEL_MAX_HEAD_DIM = 256  # the flash kernel's largest head dim (registry: dense head_dims)
 
 
 class LowRankBias(NamedTuple):
@@ -63,9 +61,10 @@ def biased_attention(q, k, v, u, w, *, scale: float, causal: bool, backend: str)
     B, Hq, N, D = q.shape
     Hk, M = k.shape[1], k.shape[2]
     rank = u.shape[-1]
-    if backend == "triton" and D + rank > _KERNEL_MAX_HEAD_DIM:
+    limit = max_head_dim(backend)
+    if limit is not None and D + rank > limit:
         raise ValueError(f"flashbias runs the flash kernel at head dim D + R = {D} + {rank}, above the "
-                         f"{_KERNEL_MAX_HEAD_DIM} it supports; use a smaller rank or backend='torch'")
+                         f"{limit} it supports; use a smaller rank or backend='torch'")
     if w.shape[1] not in (1, Hk):  # W per query head: each query head needs its own key
         k, v = k.repeat_interleave(Hq // Hk, dim=1), v.repeat_interleave(Hq // Hk, dim=1)
         Hk = Hq
@@ -216,24 +215,3 @@ def example_kwargs(q, k, v, *, causal: bool) -> dict:
     u = torch.randn(B, Hq, N, 8, generator=generator, device=q.device, dtype=q.dtype) / 8 ** 0.25
     w = torch.randn(B, 1, M, 8, generator=generator, device=q.device, dtype=q.dtype) / 8 ** 0.25
     return {"bias_factors": (u, w)}
-
-
-def explicit_bias(q, k, *, causal: bool, bias_factors=None, bias=None, alibi_slopes=None):
-    """The full bias (B|1, Hq|1, N, M) each form stands for, in q's dtype (ALiBi with its row-constant part)."""
-    if bias is not None:
-        return bias.to(q.dtype)
-    if bias_factors is not None:
-        u, w = (x.to(q.dtype) for x in bias_factors)
-        if w.shape[1] not in (1, q.shape[1]):
-            w = w.repeat_interleave(q.shape[1] // w.shape[1], dim=1)
-        return u @ w.transpose(-1, -2)
-    N, M = q.shape[2], k.shape[2]
-    i = torch.arange(N, device=q.device, dtype=q.dtype)[:, None]
-    j = torch.arange(M, device=q.device, dtype=q.dtype)[None, :]
-    return (-alibi_slopes.to(q.dtype)[:, None, None] * (i + (M - N) - j))[None]
-
-
-def reference(q, k, v, *, causal: bool, scale: float, rank=None, **bias_form):
-    """Dense attention with the explicit bias (the full `bias`, not its rank-`rank` approximation)."""
-    return reference_attention(q, k, v, causal=causal, scale=scale,
-                               bias=explicit_bias(q, k, causal=causal, **bias_form))

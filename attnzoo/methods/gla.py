@@ -13,8 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import linear as _linear
-from ..reference import recurrent_linear_attention
+from ..ops import linear as _linear
 from ..validation import check_tensor
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -38,28 +37,9 @@ def gla(q, k, v, *, causal: bool, scale: float, backend: str, chunk_size=None, g
     initial_state (B, H, D, Dv) fp32. Returns o (B, H, N, Dv), and with `output_final_state` also the
     final state (B, H, D, Dv) fp32."""
     check_gla_inputs(q, causal, g, k.shape[2])
-    if backend == "fla":
-        return _fla_gla(q, k, v, g, scale, initial_state, output_final_state)
     return _linear.linear_attention(q, k, v, g=g, scale=scale, causal=True, backend=backend,
                                     initial_state=initial_state, output_final_state=output_final_state,
                                     chunk_size=chunk_size)
-
-
-def _fla_gla(q, k, v, g, scale, initial_state, output_final_state):
-    """fla's chunk_gla (CUDA only) on attnzoo's (B, H, N, D) layout; fla takes (B, N, H, D)."""
-    from fla.ops.gla import chunk_gla
-
-    def to_fla(x):
-        return x.transpose(1, 2).contiguous()
-
-    gate = torch.zeros_like(q) if g is None else g
-    if initial_state is not None:
-        check_tensor("initial_state", initial_state, shape=(*q.shape[:2], q.shape[-1], v.shape[-1]), like=q,
-                     dtype=torch.float32)
-    out, final = chunk_gla(to_fla(q), to_fla(k), to_fla(v), to_fla(gate), scale=scale, initial_state=initial_state,
-                           output_final_state=output_final_state)
-    out = out.transpose(1, 2).to(q.dtype)
-    return (out, final) if output_final_state else out
 
 
 def step(q_t, k_t, v_t, state=None, *, g_t=None, scale: float | None = None):
@@ -90,8 +70,3 @@ class GLAGate(torch.nn.Module):
 
 def example_kwargs(q, k, v, *, causal):
     return {"g": F.logsigmoid(torch.randn_like(q)) / 4}
-
-
-def reference(q, k, v, *, causal, scale, g=None, initial_state=None, output_final_state=False, **params):
-    out, state, _ = recurrent_linear_attention(q, k, v, g=g, scale=scale, causal=causal, initial_state=initial_state)
-    return (out, state) if output_final_state else out

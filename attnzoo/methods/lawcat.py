@@ -19,9 +19,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .. import linear as _linear
-from ..reference import causal_depthwise_conv as _reference_conv
-from ..reference import recurrent_linear_attention
+from ..ops import linear as _linear
 from ..validation import check_tensor
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -147,11 +145,3 @@ def example_kwargs(q, k, v, *, causal):
         adapter.conv_q.add_(0.1 * torch.randn_like(adapter.conv_q))
         adapter.conv_k.add_(0.1 * torch.randn_like(adapter.conv_k))
         return {name: t.detach() for name, t in adapter(q, k).items()}
-
-
-def reference(q, k, v, *, causal, scale, feature_map="elu1", eps=1e-6, g=None, conv_q=None, conv_k=None, **params):
-    phi = FEATURE_MAPS[feature_map]
-    phi_q = phi(q if conv_q is None else _reference_conv(q, conv_q.to(q.dtype)))
-    phi_k = phi(k if conv_k is None else _reference_conv(k, conv_k.to(k.dtype)))
-    gate = None if g is None else (g if g.dim() == 4 else g[..., None].expand(q.shape)).to(q.dtype)
-    return recurrent_linear_attention(phi_q, phi_k, v, g=gate, causal=True, normalize=True, eps=eps)[0]

@@ -14,7 +14,7 @@ import functools
 
 from .. import masks
 from ..block_mask import BlockMask
-from ..flash import flash_attention
+from ..ops.flash import flash_attention
 
 
 @functools.lru_cache(maxsize=32)

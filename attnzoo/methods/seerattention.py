@@ -19,9 +19,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .. import backend as _backend
-from ..block_mask import BlockMask, block_geometry
-from ..flash import flash_attention
+from ..block_mask import BlockMask
+from ..geometry import block_geometry, num_blocks
+from ..ops.block_target import block_max_probs
+from ..ops.dispatch import resolve
+from ..ops.flash import flash_attention
 from ..validation import check_tensor
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -53,7 +55,7 @@ def block_scores(q, k, gate, *, block_size: int, causal: bool, scale: float, bac
     """Scores (B|1, Hq|1, nQB, nKB) that rank the blocks: the gate's probabilities or the oracle map."""
     B, Hq, N, _ = q.shape
     M = k.shape[2]
-    shape = ((1, B), (1, Hq), -(-N // block_size), -(-M // block_size))
+    shape = ((1, B), (1, Hq), num_blocks(N, block_size), num_blocks(M, block_size))
     with torch.no_grad():
         if gate is None:
             return block_attention_target(q, k, block_size, causal, scale=scale, backend=backend)
@@ -108,7 +110,7 @@ def diagonal_blocks(n: int, m: int, block_size: int, *, causal: bool, device=Non
     if causal:
         rows, diag = rows[diag >= 0], diag[diag >= 0]
     diag = diag.clamp(0, m - 1)
-    blocks = torch.zeros(-(-n // block_size), -(-m // block_size), dtype=torch.bool, device=device)
+    blocks = torch.zeros(num_blocks(n, block_size), num_blocks(m, block_size), dtype=torch.bool, device=device)
     blocks[rows // block_size, diag // block_size] = True
     return blocks
 
@@ -154,18 +156,14 @@ def block_attention_target(q: torch.Tensor, k: torch.Tensor, block_size: int, ca
     q (B, Hq, N, D), k (B, Hk, M, D); scale defaults to D ** -0.5; causal is bottom-right aligned."""
     _check_block_size(block_size)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    backend = _backend.resolve(backend, q.device, ("triton", "torch"), "block_attention_target")
+    backend = resolve(backend, q.device, ("triton", "torch"), "block_attention_target")
     if lse is not None:
         check_tensor("lse", lse, shape=tuple(q.shape[:3]), like=q, dtype=torch.float32)
     with torch.no_grad():
         if lse is None:
             values = k[..., :1]  # the forward needs some v; a 1-wide view of k costs next to nothing
             _, lse = flash_attention(q, k, values, scale=scale, causal=causal, backend=backend)
-        if backend == "triton":
-            from ..kernels import block_target as impl
-        else:
-            from ..torch_impl import block_target as impl
-        pooled = impl.block_max_probs(q, k, lse, scale=scale, causal=causal, block_size=block_size)
+        pooled = block_max_probs(q, k, lse, scale=scale, causal=causal, block_size=block_size, backend=backend)
         return pooled / pooled.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
 
 
@@ -249,7 +247,7 @@ def pool_blocks(x: torch.Tensor, block_size: int, kinds: tuple[str, ...]) -> tor
     """x (B, H, L, D) -> (B, H, ceil(L / block), D * len(kinds)): per block of `block_size` tokens the
     "avg", "max" or "min" over its valid tokens, concatenated in the order of `kinds`."""
     B, H, L, D = x.shape
-    n_blocks = -(-L // block_size)
+    n_blocks = num_blocks(L, block_size)
     valid = (torch.arange(n_blocks * block_size, device=x.device) < L).reshape(n_blocks, block_size, 1)
     blocks = F.pad(x, (0, 0, 0, n_blocks * block_size - L)).reshape(B, H, n_blocks, block_size, D)
     pools = {

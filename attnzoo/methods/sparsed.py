@@ -27,8 +27,8 @@ import math
 import torch
 
 from ..block_mask import BlockMask, _as_pair
-from ..flash import flash_attention
-from .xattention import block_scores
+from ..ops.flash import flash_attention
+from ..ops.scoring import antidiagonal_block_scores
 
 CACHE_KEY = "sparsed_block_mask"
 
@@ -80,14 +80,14 @@ def generation_start_block(m: int, block_k: int, gen_len: int) -> int:
 
 def select_blocks(q, k, *, select: float, block_q: int, block_k: int, scale: float, gen_len, backend: str):
     """SparseD's pattern: bool (B, Hq, nQB, nKB) for q (B, Hq, N, D), k (B, Hk, M, D), non-causal."""
-    scores = block_scores(q, k, stride=1, block_q=block_q, block_k=block_k, scale=scale, causal=False,
-                          backend=backend)
+    scores = antidiagonal_block_scores(q, k, stride=1, block_q=block_q, block_k=block_k, scale=scale,
+                                       causal=False, backend=backend)
     all_keys = keep_count(scores.shape[-1], select)
     if gen_len is None:
         return top_blocks(scores, all_keys)
     first_gen = generation_start_block(k.shape[2], block_k, gen_len)
-    gen_scores = block_scores(q, k[:, :, first_gen * block_k:], stride=1, block_q=block_q, block_k=block_k,
-                              scale=scale, causal=False, backend=backend)
+    gen_scores = antidiagonal_block_scores(q, k[:, :, first_gen * block_k:], stride=1, block_q=block_q,
+                                           block_k=block_k, scale=scale, causal=False, backend=backend)
     prompt = [top_blocks(scores[..., :first_gen], all_keys)] if first_gen > 0 else []
     return torch.cat(prompt + [top_blocks(gen_scores, keep_count(gen_scores.shape[-1], select))], dim=-1)
 

@@ -18,9 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .. import linear as _linear
-from ..reference import haar_dwt as _reference_dwt
-from ..reference import haar_idwt as _reference_idwt
+from ..ops import linear as _linear
 from ..validation import check_tensor
 
 _EPS = 1e-6
@@ -59,17 +57,16 @@ def _band_gains(gains: torch.Tensor, band: int, band_len: int, n: int) -> torch.
     return gains[:, None, rows, band, None]
 
 
-def wavelet_filter(x: torch.Tensor, levels: int, gains: torch.Tensor | None,
-                   dwt=haar_dwt, idwt=haar_idwt) -> torch.Tensor:
+def wavelet_filter(x: torch.Tensor, levels: int, gains: torch.Tensor | None) -> torch.Tensor:
     """IDWT(gains * DWT(gelu(x))) for x (B, H, N, D), zero-padded to a power of two and cropped."""
     n = x.shape[2]
     x = F.gelu(x)
     if gains is None:  # IDWT(DWT(x)) == x
         return x
     x = F.pad(x, (0, 0, 0, padded_length(n, levels) - n))
-    bands = dwt(x, levels)
+    bands = haar_dwt(x, levels)
     bands = [band * _band_gains(gains.to(x.dtype), i, band.shape[2], n) for i, band in enumerate(bands)]
-    return idwt(bands)[:, :, :n]
+    return haar_idwt(bands)[:, :, :n]
 
 
 def wersa_omega(head_dim: int, num_features: int, seed: int, *, dtype=torch.float32, device=None) -> torch.Tensor:
@@ -134,13 +131,3 @@ class WERSAGates(torch.nn.Module):
 
 def example_kwargs(q, k, v, *, causal):
     return {"gains": torch.rand(q.shape[0], q.shape[2], 3, device=q.device) + 0.5}
-
-
-def reference(q, k, v, *, causal, scale, levels=2, num_features=256, gains=None, bandwidth=1.0, seed=0, **params):
-    """The quadratic form A v / A 1 with A = phi(q~) phi(k~)^T, transforms by explicit loops."""
-    omega = wersa_omega(q.shape[-1], num_features, seed, dtype=q.dtype, device=q.device)
-    gains = torch.ones(levels + 1, dtype=q.dtype, device=q.device) if gains is None else gains
-    phi_q, phi_k = (random_features(wavelet_filter(x, levels, gains, _reference_dwt, _reference_idwt), omega, bandwidth)
-                    for x in (q, k))
-    scores = phi_q @ phi_k.transpose(-1, -2)
-    return scores @ v / (scores.sum(-1, keepdim=True) + _EPS)

@@ -8,7 +8,7 @@ Algorithm (prefill):
    the diagonal block), then the other blocks in descending score until the selected mass reaches
    `threshold` times the row total (the block that crosses it is kept). threshold >= 1 keeps every
    block that causal attention touches.
-3. Attend: block-sparse FlashAttention over the selected blocks (attnzoo/flash.py).
+3. Attend: block-sparse FlashAttention over the selected blocks (attnzoo/ops/flash.py).
 GQA: query head h is scored against kv head h // (Hq // Hk); masks are per query head.
 """
 
@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import torch
 
-from ..block_mask import BlockMask, _as_pair, block_geometry
-from ..flash import flash_attention
-from ..masks import diagonal_key_block
+from ..block_mask import BlockMask, _as_pair
+from ..geometry import block_geometry, diagonal_key_block
+from ..ops.flash import flash_attention
+from ..ops.scoring import antidiagonal_block_scores
 
 
 def check_params(stride, threshold, block_size) -> tuple[int, int]:
@@ -33,20 +34,10 @@ def check_params(stride, threshold, block_size) -> tuple[int, int]:
     return block_q, block_k
 
 
-def block_scores(q, k, *, stride: int, block_q: int, block_k: int, scale: float, causal: bool,
-                 backend: str) -> torch.Tensor:
-    """The antidiagonal estimate (B, Hq, nQB, nKB) fp32, from the Triton kernel or its torch twin."""
-    if backend == "triton":
-        from ..kernels.scoring import antidiagonal_block_scores
-    else:
-        from ..torch_impl.scoring import antidiagonal_block_scores
-    return antidiagonal_block_scores(q, k, stride=stride, block_q=block_q, block_k=block_k, scale=scale,
-                                     causal=causal)
-
-
-def forced_blocks(n: int, m: int, block_q: int, block_k: int, *, causal: bool, device=None) -> torch.Tensor:
-    """Bool (nQB, nKB): key block 0, and for causal the diagonal key block, where attention sees them."""
-    admissible, _ = block_geometry(n, m, block_q, block_k, causal=causal, device=device)
+def forced_blocks(n: int, m: int, block_q: int, block_k: int, *, causal: bool, admissible: torch.Tensor) -> torch.Tensor:
+    """Bool (nQB, nKB): key block 0, and for causal the diagonal key block, where attention sees them
+    (`admissible`, the blocks holding a visible pair)."""
+    device = admissible.device
     key = torch.arange(admissible.shape[1], device=device)[None, :]
     forced = key == 0
     if causal:
@@ -80,9 +71,9 @@ def select_blocks(q, k, *, stride: int, threshold: float, block_q: int, block_k:
     admissible, _ = block_geometry(n, m, block_q, block_k, causal=causal, device=q.device)
     if threshold >= 1:  # every admissible block: no estimate needed
         return BlockMask(admissible[None, None], (block_q, block_k))
-    forced = forced_blocks(n, m, block_q, block_k, causal=causal, device=q.device)
-    scores = block_scores(q, k, stride=stride, block_q=block_q, block_k=block_k, scale=scale, causal=causal,
-                          backend=backend)
+    forced = forced_blocks(n, m, block_q, block_k, causal=causal, admissible=admissible)
+    scores = antidiagonal_block_scores(q, k, stride=stride, block_q=block_q, block_k=block_k, scale=scale,
+                                       causal=causal, backend=backend)
     return BlockMask(threshold_select(scores, threshold, forced, admissible), (block_q, block_k))
 
 

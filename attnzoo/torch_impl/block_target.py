@@ -1,8 +1,10 @@
-"""Block max-pooled softmax map in PyTorch: the CPU backend of attnzoo/kernels/block_target.py.
+"""Block max-pooled softmax map in PyTorch: the twin of attnzoo/kernels/block_target.py.
 
-Same algorithm: probabilities exp(scale q k^T - lse) from the saved row logsumexp, taken a chunk of
-key blocks at a time (one (N, chunk) tile per step, never N x M) and max-pooled over each
-(block x block) pair. Query heads of a GQA group read their kv head through a broadcast view.
+Same signature and work: per query block, the key blocks up to the last one its rows may see (all
+of them when not causal; `geometry.visible_span`), in chunks of key blocks, turning each score into
+its exact probability exp(scale q k^T - lse) with the saved row logsumexp and max-pooling each
+(block x block) pair; key blocks past the causal diagonal are 0 without being computed. Query heads
+of a GQA group read their kv head through a broadcast view (k is never repeated).
 
 Shapes: q (B, Hq, N, D), k (B, Hk, M, D), lse (B, Hq, N) fp32 (-inf for rows that see no key);
 out (B, Hq, nQB, nKB) fp32.
@@ -15,14 +17,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-_CHUNK = 512  # keys per step, rounded to whole key blocks
+from .. import geometry
 
-
-def _causal_keep(n: int, m: int, start: int, stop: int, device) -> torch.Tensor:
-    """(N, stop - start) bool: query i sees key j iff j <= i + (M - N)."""
-    rows = torch.arange(n, device=device)[:, None]
-    cols = torch.arange(start, stop, device=device)[None, :]
-    return cols <= rows + (m - n)
+_CHUNK = 2048  # keys per step, rounded to whole key blocks
 
 
 def block_max_probs(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, scale: float, causal: bool,
@@ -31,21 +28,29 @@ def block_max_probs(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, scal
     B, Hq, N, D = q.shape
     Hk, M = k.shape[1], k.shape[2]
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    n_qb = -(-N // block_size)
+    window = geometry.causal_window(causal)
+    n_kb = geometry.num_blocks(M, block_size)
     qg = q.reshape(B, Hk, Hq // Hk, N, D).to(acc_dtype)  # (B, Hk, G, N, D)
     lse_g = lse.reshape(B, Hk, Hq // Hk, N, 1).to(acc_dtype)
     lse_g = lse_g.masked_fill(lse_g == -math.inf, math.inf)  # rows that see nothing: p = 0
+    kf = k[:, :, None].to(acc_dtype)  # (B, Hk, 1, M, D)
     step = max(block_size, _CHUNK // block_size * block_size)
-    pooled = []
-    for start in range(0, M, step):
-        stop = min(start + step, M)
-        kc = k[:, :, None, start:stop].to(acc_dtype)  # (B, Hk, 1, chunk, D)
-        log_p = torch.matmul(qg, kc.transpose(-1, -2)) * scale - lse_g  # (B, Hk, G, N, chunk)
-        if causal:  # mask before exp: a hidden key's exp can overflow, and inf * 0 would be NaN
-            log_p = log_p.masked_fill(~_causal_keep(N, M, start, stop, q.device), -math.inf)
-        p = torch.exp(log_p)
-        cols = -(-(stop - start) // block_size) * block_size
-        p = F.pad(p, (0, cols - (stop - start), 0, n_qb * block_size - N))  # zeros: probabilities are >= 0
-        blocks = p.reshape(B, Hk, Hq // Hk, n_qb, block_size, cols // block_size, block_size)
-        pooled.append(blocks.amax(dim=(4, 6)))
-    return torch.cat(pooled, dim=-1).reshape(B, Hq, n_qb, -1).float()
+    out = torch.zeros(B, Hk, Hq // Hk, geometry.num_blocks(N, block_size), n_kb, dtype=torch.float32,
+                      device=q.device)
+    for row, first in enumerate(range(0, N, block_size)):
+        stop = min(first + block_size, N)
+        _, _, _, hi = geometry.visible_span(first, stop - 1, N, M, window)
+        rows = torch.arange(first, stop, device=q.device)[:, None]
+        for start in range(0, hi, step):
+            end = min(start + step, hi)
+            log_p = torch.matmul(qg[:, :, :, first:stop], kf[:, :, :, start:end].transpose(-1, -2)) * scale
+            log_p = log_p - lse_g[:, :, :, first:stop]  # (B, Hk, G, rows, keys)
+            if causal:  # mask before exp: a hidden key's exp can overflow, and inf * 0 would be NaN
+                cols = torch.arange(start, end, device=q.device)[None, :]
+                log_p = log_p.masked_fill(~geometry.visible(rows, cols, N, M, window), -math.inf)
+            p = torch.exp(log_p)
+            width = geometry.num_blocks(end - start, block_size) * block_size
+            p = F.pad(p, (0, width - (end - start)))  # zeros: probabilities are >= 0
+            pooled = p.unflatten(-1, (-1, block_size)).amax(dim=(-3, -1))  # (B, Hk, G, blocks)
+            out[..., row, start // block_size:start // block_size + pooled.shape[-1]] = pooled.float()
+    return out.reshape(B, Hq, -1, n_kb)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import geometry
+
 _CHUNK_ELEMENTS = 1 << 22  # group-logit entries per query chunk and head
 
 
@@ -23,14 +25,12 @@ def _grouped_rows(x: torch.Tensor, block: int, stride: int, *, reverse: bool) ->
 
 def _admissible(q_groups: torch.Tensor, n_k_groups: int, stride: int, n: int, m: int, causal: bool,
                 device) -> torch.Tensor:
-    """(A, Bg) bool for the query groups `q_groups`: real groups, and (causal) first key visible to
-    the group's last query."""
+    """(A, Bg) bool for the query groups `q_groups`: real groups, and the group's first key visible to
+    the group's last query (causal) or inside [0, M)."""
     k_first = torch.arange(n_k_groups, device=device)[None, :] * stride
     q_first = q_groups[:, None] * stride
-    keep = (q_first < n) & (k_first < m)
-    if causal:
-        keep &= k_first <= torch.clamp(q_first + stride - 1, max=n - 1) + (m - n)
-    return keep
+    q_last = torch.clamp(q_first + stride - 1, max=n - 1)
+    return (q_first < n) & geometry.visible(q_last, k_first, n, m, geometry.causal_window(causal))
 
 
 def antidiagonal_block_scores(q: torch.Tensor, k: torch.Tensor, *, stride: int, block_q: int, block_k: int,
@@ -43,13 +43,18 @@ def antidiagonal_block_scores(q: torch.Tensor, k: torch.Tensor, *, stride: int, 
     q_hat = _grouped_rows(q, block_q, stride, reverse=True).unflatten(1, (Hk, Hq // Hk))  # (B, Hk, G, A, S*D)
     k_hat = _grouped_rows(k, block_k, stride, reverse=False)  # (B, Hk, Bg, S*D)
     blocks_per_chunk = max(1, _CHUNK_ELEMENTS // (groups_q * k_hat.shape[2]))
+    window = geometry.causal_window(causal)
     scores = []
     for first_block in range(0, n_qb, blocks_per_chunk):
         stop_block = min(first_block + blocks_per_chunk, n_qb)
+        # as the kernel: only the key blocks that the chunk's last query may see (all when not causal)
+        _, _, _, hi = geometry.visible_span(0, min(stop_block * block_q, N) - 1, N, M, window)
+        seen_kb = geometry.num_blocks(hi, block_k)
         rows = torch.arange(first_block * groups_q, stop_block * groups_q, device=q.device)
-        est = torch.einsum("bkgas,bkcs->bkgac", q_hat[:, :, :, rows], k_hat) * (scale / stride)
-        keep = _admissible(rows, k_hat.shape[2], stride, N, M, causal, q.device)
-        probs = torch.softmax(est.masked_fill(~keep, float("-inf")), dim=-1)
+        est = torch.einsum("bkgas,bkcs->bkgac", q_hat[:, :, :, rows], k_hat[:, :, :seen_kb * groups_k])
+        keep = _admissible(rows, seen_kb * groups_k, stride, N, M, causal, q.device)
+        probs = torch.softmax((est * (scale / stride)).masked_fill(~keep, float("-inf")), dim=-1)
         probs = probs.masked_fill(~keep.any(-1, keepdim=True), 0.0)  # rows with no admissible key
-        scores.append(probs.unflatten(-1, (n_kb, groups_k)).sum(-1).unflatten(-2, (-1, groups_q)).sum(-2))
+        block_sums = probs.unflatten(-1, (seen_kb, groups_k)).sum(-1).unflatten(-2, (-1, groups_q)).sum(-2)
+        scores.append(torch.nn.functional.pad(block_sums, (0, n_kb - seen_kb)))  # unseen key blocks score 0
     return torch.cat(scores, dim=-2).flatten(1, 2)  # (B, Hq, nQB, nKB)

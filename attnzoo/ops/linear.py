@@ -11,8 +11,10 @@ autograd.Function:
 The normaliser z is carried as one more value column of the state: the kernel runs on [v, 1], so
 S[..., :V] is the state and S[..., V] is z. Its gradient is then exact by construction.
 
-Decoding: `step(q_t, k_t, v_t, state)` advances the same recurrence by one token in O(1), and
-`linear_state(name)` returns a method's step function.
+`backend` is "triton" (the kernels, attnzoo/kernels/linear.py), "torch" (their twin,
+attnzoo/torch_impl/linear.py, same signatures) or "fla" (fla's `chunk_gla`, CUDA only: gated,
+unnormalised, causal calls). Decoding: `step(q_t, k_t, v_t, state)` advances the same recurrence by
+one token in O(1); `attnzoo.linear_state(name)` returns a method's step function.
 """
 
 from __future__ import annotations
@@ -20,27 +22,26 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import backend as _backend
-from .validation import check_tensor
+from .._env import interpret_tile, triton_interpreting
+from ..validation import check_tensor
 
 _STATE_DTYPE = torch.float32
 
 
 def _impl(backend: str):
     if backend == "triton":
-        from .kernels import linear
+        from ..kernels import linear
         return linear
     if backend == "torch":
-        from .torch_impl import linear
+        from ..torch_impl import linear
         return linear
-    raise ValueError(f"backend must be 'triton' or 'torch' for the chunked linear kernel, got {backend!r}")
+    raise ValueError(f"backend must be 'triton', 'torch' or 'fla' for linear attention, got {backend!r}")
 
 
 def default_chunk_size(gated: bool, backend: str) -> int:
     """Tokens per chunk: small under the interpreter (tests cross many chunks) and for gated Triton
     tiles (the per-channel decay tile is C x C x BK in registers); 64 otherwise."""
-    if backend == "triton" and _backend.triton_interpreting():
-        from .kernels._config import interpret_tile
+    if backend == "triton" and triton_interpreting():
         return interpret_tile()
     return 16 if gated and backend == "triton" else 64
 
@@ -133,6 +134,10 @@ def linear_attention(q, k, v, *, scale: float, causal: bool, backend: str, g=Non
     """
     if not causal and g is not None:
         raise ValueError("g (a forget gate) needs causal=True: a non-causal sum has no order to decay along")
+    if backend == "fla":
+        if normalize or not causal or chunk_size is not None:
+            raise ValueError("backend='fla' runs fla's chunk_gla: causal, unnormalised, default chunk size only")
+        return _fla_chunk_gla(q, k, v, g, scale, initial_state, output_final_state)
     gated = g is not None
     chunk_size = default_chunk_size(gated, backend) if chunk_size is None else check_chunk_size(chunk_size)
     state_shape = (*k.shape[:2], k.shape[-1], v.shape[-1])
@@ -167,13 +172,18 @@ def step(q_t, k_t, v_t, state, *, scale: float, g_t=None, normalize: bool = Fals
     return out, _unpack_state(packed, normalize)
 
 
-def linear_state(name: str):
-    """The decoding step function of linear method `name`: `step(q_t, k_t, v_t, state, **kwargs) ->
-    (o_t, state)`, with q_t (B, H, 1, D). Start from state=None; the state is fp32."""
-    from .registry import REGISTRY
+def _fla_chunk_gla(q, k, v, g, scale, initial_state, output_final_state):
+    """fla's chunk_gla (CUDA only) on attnzoo's (B, H, N, D) layout; fla takes (B, N, H, D)."""
+    from fla.ops.gla import chunk_gla
 
-    info = REGISTRY.info(name)
-    module = info.load_module()
-    if info.family != "linear" or not hasattr(module, "step"):
-        raise ValueError(f"method {name!r} has no recurrent decoding step (only causal linear methods do)")
-    return module.step
+    def to_fla(x):
+        return x.transpose(1, 2).contiguous()
+
+    gate = torch.zeros_like(q) if g is None else g
+    if initial_state is not None:
+        check_tensor("initial_state", initial_state, shape=(*q.shape[:2], q.shape[-1], v.shape[-1]), like=q,
+                     dtype=_STATE_DTYPE)
+    out, final = chunk_gla(to_fla(q), to_fla(k), to_fla(v), to_fla(gate), scale=scale, initial_state=initial_state,
+                           output_final_state=output_final_state)
+    out = out.transpose(1, 2).to(q.dtype)
+    return (out, final) if output_final_state else out

@@ -1,4 +1,5 @@
-"""Which implementation runs a call: Triton kernels, the PyTorch implementation, or fla.
+"""Which implementation runs a call: Triton kernels, the PyTorch twin, or fla. Only attnzoo/ops/ looks at
+backend names: the API resolves the requested one here, and each op turns it into its implementation.
 
 - CUDA tensors: the Triton kernels.
 - CPU tensors with TRITON_INTERPRET=1 in the environment (set before triton is imported): the same
@@ -10,16 +11,12 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import torch
 
+from .._env import triton_interpreting
+
 BACKENDS = ("auto", "triton", "torch", "fla")
-
-
-def triton_interpreting() -> bool:
-    """True when Triton kernels run under the interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def triton_available() -> bool:
