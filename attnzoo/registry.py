@@ -71,7 +71,7 @@ class MethodInfo:
         return getattr(module, attr)
 
     def load_module(self):
-        """The module that holds the method (for `example_kwargs` and `reference`), or None."""
+        """The module that holds the method (for `example_kwargs` and the decoding `step`), or None."""
         if self._fn is not None:
             return importlib.import_module(self._fn.__module__)
         return importlib.import_module(self.fn_path.partition(":")[0])

@@ -72,8 +72,9 @@ def _quartiles(values: list[float]) -> tuple[float, float, float]:
     return q1, median, q3
 
 
-def cases(reps: int):
-    """Yield one result row per (case, mode, contender vs its baseline)."""
+def cases(reps: int, shrink: int = 1):
+    """Yield one result row per (case, mode, contender vs its baseline). `shrink` divides every sequence
+    length (a smoke test of the script; the committed results use 1)."""
     dense, sparse, xattn = attnzoo.get("dense"), attnzoo.get("block_sparse"), attnzoo.get("xattention", threshold=0.9)
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
@@ -82,32 +83,34 @@ def cases(reps: int):
 
     for backward in (False, True):
         mode = "fwd+bwd" if backward else "fwd"
-        for n in (2048, 4096):
+        for n in (2048 // shrink, 4096 // shrink):
             x = _inputs("random", n, grad=backward)
             calls = {"sdpa": _run(lambda q, k, v: sdpa(q, k, v), x, backward),
                      "dense": _run(lambda q, k, v: dense(q, k, v, backend="torch"), x, backward),
                      "dense twin": _run(dense_twin(False), x, backward)}
             yield from _ratios(f"dense vs sdpa, N={n}", mode, interleaved(calls, reps), "sdpa")
 
-        x = _inputs("random", 4096, grad=backward)
+        n = 4096 // shrink
+        x = _inputs("random", n, grad=backward)
         calls = {"dense non-causal": _run(lambda q, k, v: dense(q, k, v, backend="torch"), x, backward),
                  "dense causal": _run(lambda q, k, v: dense(q, k, v, causal=True, backend="torch"), x, backward),
                  "dense twin non-causal": _run(dense_twin(False), x, backward),
                  "dense twin causal": _run(dense_twin(True), x, backward)}
         times = interleaved(calls, reps)
-        yield from _ratios("causal vs non-causal, N=4096", mode, times, "dense non-causal", only=["dense causal"])
-        yield from _ratios("causal vs non-causal (twin), N=4096", mode, times, "dense twin non-causal",
+        yield from _ratios(f"causal vs non-causal, N={n}", mode, times, "dense non-causal", only=["dense causal"])
+        yield from _ratios(f"causal vs non-causal (twin), N={n}", mode, times, "dense twin non-causal",
                            only=["dense twin causal"])
 
         calls = {}
         for density in (1.0, 0.5, 0.25, 0.1):
-            mask = masks.random(4096, 4096, density, BLOCK, heads=HEADS, seed=0)
+            mask = masks.random(n, n, density, BLOCK, heads=HEADS, seed=0)
             calls[f"block_sparse density {density}"] = _run(
                 lambda q, k, v, mask=mask: sparse(q, k, v, block_mask=mask, backend="torch"), x, backward)
-        yield from _ratios("block_sparse vs density 1.0, N=4096", mode, interleaved(calls, reps),
+        yield from _ratios(f"block_sparse vs density 1.0, N={n}", mode, interleaved(calls, reps),
                            "block_sparse density 1.0")
 
-        x = _inputs("structured", 8192, grad=backward)
+        n = 8192 // shrink
+        x = _inputs("structured", n, grad=backward)
         choose = _run(lambda q, k, v: select_blocks(q, k, stride=8, threshold=0.9, block_q=BLOCK, block_k=BLOCK,
                                                     scale=HEAD_DIM ** -0.5, causal=True, backend="torch"),
                       x, False)
@@ -116,7 +119,7 @@ def cases(reps: int):
                  "xattention block choice": choose}
         times = interleaved(calls, reps)
         _, chosen = xattn(*x, causal=True, backend="torch", return_block_mask=True)
-        yield from _ratios("xattention vs dense, structured, N=8192", mode, times, "dense causal",
+        yield from _ratios(f"xattention vs dense, structured, N={n}", mode, times, "dense causal",
                            only=["xattention causal"], density=chosen.density())
         yield from _ratios("xattention block-choice share", mode, times, "xattention causal",
                            only=["xattention block choice"])
@@ -138,7 +141,7 @@ def _ratios(case: str, mode: str, times: dict[str, list[float]], baseline: str, 
 def environment(args) -> dict:
     return dict(device=f"CPU ({platform.processor() or platform.machine()})", threads=torch.get_num_threads(),
                 torch=torch.__version__, attnzoo=attnzoo.__version__, python=platform.python_version(),
-                reps=args.reps, shape=f"B=1, H={HEADS}, D={HEAD_DIM}, fp32",
+                reps=args.reps, shrink=args.shrink, shape=f"B=1, H={HEADS}, D={HEAD_DIM}, fp32",
                 command="python benchmarks/kernel_boundary.py " + " ".join(args.argv),
                 when=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
 
@@ -148,11 +151,12 @@ def main(argv=None) -> None:
     parser.add_argument("--reps", type=int, default=5, help="interleaved repetitions per case (>= 5)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cpu")
+    parser.add_argument("--shrink", type=int, default=1, help="divide every sequence length (smoke tests only)")
     args = parser.parse_args(argv)
     args.argv = argv if argv is not None else __import__("sys").argv[1:]
     torch.set_num_threads(args.threads)
     rows = []
-    for row in cases(args.reps):
+    for row in cases(args.reps, args.shrink):
         rows.append(row)
         print(f"{row['case']:<42} {row['mode']:<8} {row['contender']:<26} ratio {row['ratio']:.3f} "
               f"[{row['ratio_q1']:.3f}, {row['ratio_q3']:.3f}]  {row['contender_ms']:.1f} / {row['baseline_ms']:.1f} ms"

@@ -2,6 +2,7 @@
 
     python scripts/mutation.py                        # every target, 2 workers -> scripts/mutation_report.json
     python scripts/mutation.py --files attnzoo/methods/xattention.py --jobs 1
+    python scripts/mutation.py --sample 120 --seed 0   # a seeded random sample (what docs/testing.md reports)
     python scripts/mutation.py --list                  # the mutants, without running them
 
 A small AST mutator (no third-party tool: mutmut and cosmic-ray rewrite the tree in place and do
@@ -26,6 +27,7 @@ import argparse
 import ast
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -194,6 +196,9 @@ def main(argv=None) -> int:
     parser.add_argument("--files", nargs="*", default=list(TARGETS), help="target modules (default: all)")
     parser.add_argument("--jobs", type=int, default=2, help="mutants run in parallel")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per mutant before it counts as killed")
+    parser.add_argument("--sample", type=int, default=0,
+                        help="run a seeded random sample of this many mutants (0: all of them)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --sample")
     parser.add_argument("--list", action="store_true", help="list the mutants and stop")
     parser.add_argument("--out", type=Path, default=ROOT / "scripts" / "mutation_report.json")
     args = parser.parse_args(argv)
@@ -201,6 +206,8 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"--files: no tests are mapped for {', '.join(unknown)}; known: {', '.join(TARGETS)}")
     mutants = [m for f in args.files for m in mutants_of(f)]
+    if args.sample and args.sample < len(mutants):
+        mutants = sorted(random.Random(args.seed).sample(mutants, args.sample), key=lambda m: (m.file, m.site))
     if args.list:
         for m in mutants:
             print(m.key)
@@ -210,7 +217,8 @@ def main(argv=None) -> int:
         done = list(tqdm(pool.map(lambda m: run_mutant(m, args.timeout), mutants), total=len(mutants),
                          desc="mutants", unit="mutant"))
     summary = summarise(done)
-    args.out.write_text(json.dumps(dict(summary=summary, mutants=[asdict(m) for m in done]), indent=2))
+    run = dict(files=args.files, sample=args.sample or len(done), seed=args.seed)
+    args.out.write_text(json.dumps(dict(run=run, summary=summary, mutants=[asdict(m) for m in done]), indent=2))
     print(summary["kill_rate"])
     for key in summary["unexplained_survivors"]:
         print("survived:", key)

@@ -77,7 +77,7 @@ def test_quick_csv_is_a_plain_csv_with_the_documented_columns(quick):
 
 def test_quick_rows_have_sane_values(quick):
     rows = read_csv(quick / "bench.csv")
-    assert {(r["method"], r["mode"]) for r in rows if r["method"] == "dense"} == {("dense", "fwd"), ("dense", "fwd+bwd")}
+    assert {r["mode"] for r in rows if r["method"] == "dense"} == {"fwd", "fwd+bwd"}
     assert {r["input"] for r in rows} == {"structured", "minilm"}
     for row in rows:
         assert number(row["time_q1_ms"]) <= number(row["time_ms"]) <= number(row["time_q3_ms"])
@@ -162,7 +162,7 @@ def test_recorded_params_are_those_the_method_received_over_a_grid(tmp_path, scr
     config = tiny_config(tmp_path, methods=["bench_probe"], params={"bench_probe": {"window": [[8, 0]]}})
     assert main(["--config", config, "--param", "bench_probe.alpha=2,3", "--out", str(out)]) == 0
     rows = [r for r in rows_of(out) if r["method"] == "bench_probe"]
-    assert [json.loads(r["params_set"]) for r in rows] == [{"window": [8, 0], "alpha": 2}, {"window": [8, 0], "alpha": 3}]
+    assert [json.loads(r["params_set"]) for r in rows] == [{"window": [8, 0], "alpha": a} for a in (2, 3)]
     recorded = [json.loads(r["params"]) for r in rows]
     assert recorded == [{"alpha": 2, "beta": "x", "window": [8, 0]}, {"alpha": 3, "beta": "x", "window": [8, 0]}]
     assert all(seen in recorded for seen in SEEN) and {json.dumps(s) for s in SEEN} == {json.dumps(r) for r in recorded}
@@ -179,7 +179,8 @@ def test_xattention_threshold_changes_density_and_is_recorded(tmp_path):
     assert rows[0.5]["density"] < rows[0.95]["density"]
     assert rows[0.5]["err_vs_dense"] > rows[0.95]["err_vs_dense"]
     for threshold, row in rows.items():
-        assert json.loads(row["params"]) == {**attnzoo.info("xattention").params, "threshold": threshold, "block_size": 16}
+        defaults = attnzoo.info("xattention").params
+        assert json.loads(row["params"]) == {**defaults, "threshold": threshold, "block_size": 16}
         assert row["err_vs_exact"] < 1e-5  # against its own definition on the blocks it chose
 
 
@@ -217,10 +218,14 @@ def test_summary_shows_parameters_and_noisy_rows(tmp_path, capsys):
     assert main(["--config", tiny_config(tmp_path), "--param", "dense.softcap=0,30", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "softcap=30" in printed and "err_vs_exact" in printed and "IQR" in printed
-    from attnzoo.bench.report import summary_table
+    from attnzoo.bench.report import print_summary, summary_table
+    from attnzoo.bench.sweep import SweepResult
 
     row = {**rows_of(out)[0], "noisy": True, "time_rel_iqr": 0.5}
     assert "NOISY" in summary_table([row]) and "50%" in summary_table([row])
+    head = json.loads((out / "bench.json").read_text())["header"]
+    print_summary(SweepResult(rows=[row, {**rows_of(out)[1], "noisy": False}]), head, [])
+    assert "1 of 2 rows are NOISY" in capsys.readouterr().out
 
 
 # --- errors ---------------------------------------------------------------------------------------
@@ -320,7 +325,7 @@ def test_defaults_are_the_quick_preset_without_cuda_and_the_gpu_sweep_with_it():
 @pytest.mark.parametrize("path", sorted((ROOT / "benchmarks" / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_benchmark_configs_are_valid(path):
     settings = load_yaml(str(path))
-    assert settings["methods"] == ("all",) and settings["seqlens"]
+    assert settings["seqlens"] and set(settings["methods"]) <= {"all", *attnzoo.list_methods()}
     assert all(set(grid) <= set(attnzoo.info(m).params) for m, grid in settings.get("params", {}).items())
 
 
@@ -336,6 +341,13 @@ def _sdpa(q, k, v, *, causal, scale, backend):
 
 def _broken(q, k, v, *, causal, scale, backend):
     raise RuntimeError("kernel exploded")
+
+
+def test_a_forced_backend_a_method_lacks_skips_it_with_the_apis_error(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["--config", tiny_config(tmp_path), "--backend", "fla", "--out", str(out)]) == 0
+    (skipped,) = json.loads((out / "bench.json").read_text())["skipped"]
+    assert skipped["method"] == "dense" and "no 'fla' backend" in skipped["reason"]
 
 
 def test_unsupported_and_failing_methods_are_skipped_with_reasons(tmp_path, scratch_registry):

@@ -14,9 +14,11 @@ TENSORS = {
 }
 VARIANTS = [  # together they cover every constexpr branch: each kernel dense (span helpers) and sparse
     # (listed helpers), masks, softcap, each dtype, both archs
-    # kernel, dtype, sparse, causal, window, softcap, tiles (m, n), head dim, arch
+    # kernel, dtype, sparse, causal, window, softcap, tiles (m, n), head dim, arch[, TMA]
     ("_flash_fwd_kernel", "*bf16", False, True, False, False, (128, 64), 128, 90),
     ("_flash_fwd_kernel", "*fp32", True, False, True, True, (32, 32), 64, 80),
+    ("_flash_fwd_kernel", "*bf16", True, True, True, True, (64, 64), 64, 90, True),  # TMA, sparse
+    ("_flash_fwd_kernel", "*fp16", False, False, False, False, (128, 64), 128, 90, True),  # TMA, dense
     ("_flash_dq_kernel", "*fp16", True, True, False, False, (64, 64), 64, 90),
     ("_flash_dq_kernel", "*bf16", False, False, True, True, (64, 32), 64, 80),
     ("_flash_dkdv_kernel", "*bf16", False, False, True, True, (32, 64), 64, 80),
@@ -24,12 +26,14 @@ VARIANTS = [  # together they cover every constexpr branch: each kernel dense (s
 ]
 
 
-def _job(kernel, dtype, sparse, causal, window, softcap, tiles, head_dim, arch):
+def _job(kernel, dtype, sparse, causal, window, softcap, tiles, head_dim, arch, tma=False):
     pointers = {name: {"LSE": "*fp32", "DELTA": "*fp32"}.get(name, dtype) for name in TENSORS[kernel]}
     pointers.update({name: ("*i32" if sparse else None) for name in SPARSE_POINTERS})
     meta = dict(HAS_LEFT=window, HAS_RIGHT=causal or window, HAS_SOFTCAP=softcap,
                 SPARSE_Q=128 if sparse else 0, SPARSE_K=128 if sparse else 0, BLOCK_M=tiles[0], BLOCK_N=tiles[1],
                 BLOCK_D=head_dim, BLOCK_DV=head_dim, PRECISION="ieee" if dtype == "*fp32" else "tf32")
+    if kernel == "_flash_fwd_kernel":
+        meta["TMA"] = tma
     return dict(kernel=f"attnzoo.kernels.flash:{kernel}", pointers=pointers, floats=["scale", "softcap"],
                 constexprs=meta, arch=arch, num_warps=4)
 
@@ -64,3 +68,40 @@ def test_every_autotune_config_set_divides_into_sparse_blocks():
             assert kept, (sparse_q, sparse_k)
             assert all(sparse_q % c.kwargs["BLOCK_M"] == 0 and sparse_k % c.kwargs["BLOCK_N"] == 0 for c in kept)
         assert prune_for_sparse(tuned.configs, {}, SPARSE_Q=0, SPARSE_K=0) == tuned.configs
+
+
+# The TMA forward (tensor descriptors for q / k / v; chosen on sm_90) under the interpreter, which
+# runs descriptors too: bit-identical to the pointer forward on ragged shapes, windows, GQA and a
+# block-sparse index (the descriptor zero-fills outside the head as the masked loads do).
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import attnzoo  # noqa: E402
+from attnzoo import masks  # noqa: E402
+
+
+def _both_ways(monkeypatch, fn):
+    monkeypatch.setenv("ATTNZOO_FLASH_TMA", "0")
+    plain = fn()
+    monkeypatch.setenv("ATTNZOO_FLASH_TMA", "1")
+    return plain, fn()
+
+
+@pytest.mark.parametrize("shape, window", [((37, 53, 16), (-1, -1)), ((40, 24, 32), (-1, 0)), ((64, 64, 16), (5, 3))])
+def test_tma_forward_matches_the_pointer_forward(monkeypatch, shape, window):
+    N, M, D = shape
+    gen = torch.Generator().manual_seed(N)
+    q = torch.randn(1, 2, N, D, generator=gen).half()
+    k, v = (torch.randn(1, 1, M, D, generator=gen).half() for _ in range(2))
+    assert flash._tma_ready(q, k, v) and not flash._tma_ready(q.float(), k, v) and not flash._tma_ready(q[..., 1:], k, v)
+    (o0, l0), (o1, l1) = _both_ways(monkeypatch, lambda: flash.flash_fwd(q, k, v, scale=0.3, window=window))
+    assert torch.equal(o0, o1) and torch.equal(l0, l1)
+
+
+def test_tma_forward_matches_on_a_block_sparse_index(monkeypatch):
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 64, 16, generator=gen).half() for _ in range(3))
+    mask = masks.random(64, 64, 0.5, 16, heads=2, causal=True)
+    run = attnzoo.get("block_sparse")
+    o0, o1 = _both_ways(monkeypatch, lambda: run(q, k, v, causal=True, block_mask=mask, backend="triton"))
+    assert torch.equal(o0, o1)

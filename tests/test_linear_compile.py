@@ -35,7 +35,7 @@ def _job(kernel, dtype, gated, causal, with_states, arch):
         pointers[name] = None if optional else (dtype if name in INPUTS else "*fp32")
     flags = {"HAS_INITIAL": with_states, "HAS_DFINAL": with_states, "STORE_CHUNKS": causal, "CAUSAL": causal}
     tiles = dict(BT=16, BK=32, BV=64) if gated else dict(BT=64, BK=64, BV=64)
-    constexprs = dict(tiles, GATED=gated, PRECISION="ieee" if dtype == "*fp32" else "tf32",
+    constexprs = dict(tiles, GATED=gated, PRECISION="ieee" if dtype == "*fp32" else "native",
                       **{name: flags[name] for name in SWITCHES[kernel]})
     return dict(kernel=f"attnzoo.kernels.linear:{kernel}", pointers=pointers, floats=["scale"],
                 constexprs=constexprs, arch=arch, num_warps=4)
@@ -46,3 +46,43 @@ def test_linear_kernels_compile_for_sm80_and_sm90():
     result = compile_in_subprocess(jobs)
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.count("ok ") == len(jobs), result.stdout
+
+
+# The "native" products (16-bit operands into tl.dot, fp32 accumulation; what CUDA runs for bf16 /
+# fp16 inputs) checked under the interpreter with fp16 inputs (its bf16 tl.dot is wrong, its fp16 one
+# is not), forward and backward, against float64 on the same rounded inputs: the existing fp16
+# tolerance of tests/test_linear_kernel.py.
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from attnzoo.ops.linear import linear_attention  # noqa: E402
+from attnzoo.reference import recurrent_linear_attention  # noqa: E402
+
+
+def _rms(got, want):
+    return ((got.double() - want).square().mean() / want.square().mean()).sqrt().item()
+
+
+@pytest.mark.parametrize("gated, causal", [(True, True), (False, True), (False, False)])
+def test_native_half_products_stay_within_the_fp16_tolerance(monkeypatch, gated, causal):
+    monkeypatch.setenv("ATTNZOO_LINEAR_DOT", "native")
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 29, 16, generator=gen) for _ in range(3))
+    inputs = {"q": q, "k": k, "v": v}
+    if gated:
+        inputs["g"] = F.logsigmoid(torch.randn(1, 2, 29, 16, generator=gen) + 1.0)
+    half = {name: x.half().requires_grad_() for name, x in inputs.items()}
+    wide = {name: x.detach().double().requires_grad_() for name, x in half.items()}
+    out = linear_attention(**half, scale=0.25, causal=causal, backend="triton", chunk_size=16)
+    if causal:
+        want, _, _ = recurrent_linear_attention(**wide, scale=0.25)
+    else:
+        want = linear_attention(**wide, scale=0.25, causal=False, backend="torch", chunk_size=16)
+    assert out.dtype == torch.float16
+    assert _rms(out, want) < 2e-3
+    do = torch.randn(out.shape, generator=gen)
+    out.float().backward(do.half().float())
+    want.backward(do.half().double())
+    for name in half:
+        assert _rms(half[name].grad, wide[name].grad) < 1e-2, name

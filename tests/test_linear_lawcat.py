@@ -90,7 +90,7 @@ def test_equals_the_oracle(batch, heads, n, taps, gate, feature_map, backend, se
     if feature_map == "relu":  # keep every row's normaliser away from 0: relu features of |x| + 0.1
         q, k = q.abs() + 0.1, k.abs() + 0.1
     gen = torch.Generator().manual_seed(seed + 1)
-    inputs = {"conv_q": torch.rand(heads, 16, taps, generator=gen), "conv_k": torch.rand(heads, 16, taps, generator=gen)}
+    inputs = {name: torch.rand(heads, 16, taps, generator=gen) for name in ("conv_q", "conv_k")}
     if gate is not None:
         shape = (batch, heads, n) if gate == "head" else (batch, heads, n, 16)
         inputs["g"] = F.logsigmoid(torch.randn(shape, generator=gen) + 2)

@@ -66,7 +66,7 @@ def test_threshold_selection_by_hand():
     descending score while the mass kept is below threshold * 10, so the crossing block is kept."""
     scores = torch.tensor([[1.0, 4.0, 2.0, 3.0]])
     forced, admissible = picture("#..."), picture("####")
-    for threshold, want in [(0.0, "#..."), (0.1, "#..."), (0.11, "##.."), (0.5, "##.."), (0.55, "##.#"),
+    for threshold, want in [(0.0, "#..."), (0.05, "#..."), (0.11, "##.."), (0.5, "##.."), (0.55, "##.#"),
                             (0.8, "##.#"), (0.85, "####"), (1.0, "####")]:
         got = threshold_select(scores, threshold, forced, admissible)
         assert torch.equal(got, picture(want)), (threshold, draw(got))

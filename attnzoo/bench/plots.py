@@ -36,7 +36,8 @@ def _label(row: dict[str, Any]) -> str:
 
 def _panel_title(key: tuple) -> str:
     mode, kind, dtype, causal, batch, heads, head_dim = key
-    return f"{mode} | {kind} inputs | {dtype} | {'causal' if causal else 'non-causal'} | B={batch} H={heads} D={head_dim}"
+    flag = "causal" if causal else "non-causal"
+    return f"{mode} | {kind} inputs | {dtype} | {flag} | B={batch} H={heads} D={head_dim}"
 
 
 def _panels(rows: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
@@ -244,7 +245,8 @@ def plot_error_vs_speedup(rows, path: Path, device_note: str):
         by_method: dict[str, list] = defaultdict(list)
         for row in panel_rows:
             by_method[row["method"]].append(row)
-        points = [p for method, series in sorted(by_method.items()) for p in _method_curve(axis, series, colors[method])]
+        points = [point for method, series in sorted(by_method.items())
+                  for point in _method_curve(axis, series, colors[method])]
         axis.plot(*zip(*pareto_front(points)), linestyle="--", color="gray", linewidth=2, alpha=0.6,
                   label="Pareto front", zorder=1)
         _log_axis(axis, "x")

@@ -160,6 +160,10 @@ def print_summary(result: SweepResult, head: dict[str, Any], files: list[Path], 
     reasons = dict.fromkeys(f"{s['method']} ({s['mode']}): {s['reason']}" for s in result.skipped)
     if reasons:
         print("\nskipped:\n  " + "\n  ".join(reasons), file=stream)
+    noisy = sum(bool(r["noisy"]) for r in rows)
+    if noisy:
+        print(f"\n{noisy} of {len(rows)} rows are NOISY (timing spread above {100 * timing.NOISY:.0f}% of the median: "
+              "a busy or throttling machine); rerun them before reading their speedups", file=stream)
     if result.notes:
         print("\nnotes:\n  " + "\n  ".join(dict.fromkeys(result.notes)), file=stream)
     print("\nwrote " + ", ".join(str(f) for f in files), file=stream)

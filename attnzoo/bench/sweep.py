@@ -10,6 +10,7 @@ error, and the sweep goes on.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass, field
 from typing import Any
@@ -118,9 +119,14 @@ class Sweep:
         self.kernel_only = ZooMethod(KERNEL_ONLY, requested_backend=config.backend)
         self.result = SweepResult()
 
+    @property
+    def _steps_per_case(self) -> int:
+        """Progress units of one case: a first forward per contender, then a timing round per mode."""
+        return len(self.contenders) + len(self.config.modes) * self.config.repeats
+
     def run(self) -> SweepResult:
         all_cases = cases(self.config, self.dtypes)
-        progress = Progress(len(all_cases) * (len(self.contenders) + len(self.config.modes) * self.config.repeats))
+        progress = Progress(len(all_cases) * self._steps_per_case)
         try:
             for case in all_cases:
                 self._run_case(case, progress)
@@ -143,7 +149,7 @@ class Sweep:
                            device=self.device, seed=self.config.seed)
         except Unavailable as err:
             self._skip(progress, "all methods", case, str(err))
-            progress.advance(f"{_case_text(case)}: no inputs", len(self.contenders) + len(self.config.modes) * self.config.repeats)
+            progress.advance(f"{_case_text(case)}: no inputs", self._steps_per_case)
             return
         references = References(*qkv, causal=case.causal)
         if not references.measurable:
@@ -219,15 +225,15 @@ class Sweep:
     def _time_mode(self, mode: str, entries: list[Entry], case: Case, qkv, progress: Progress) -> list[dict]:
         """Rows of one mode: every entry that can run it, timed together (interleaved)."""
         runner = _Runner(mode, qkv)
+        kernel = self._kernel_forward(case, qkv)
         steps: dict[Any, Any] = {}
         for index, entry in enumerate(entries):
             if mode == "fwd+bwd" and not entry.contender.supports_backward:
                 self._skip(progress, entry.contender.label, case, "no backward", mode)
                 continue
             steps[index] = runner.step(entry.bound.forward)
-            if entry.block_mask is not None and entry.contender.name != KERNEL_ONLY:
-                steps[("kernel", index)] = self._kernel_step(runner, entry, case, qkv)
-        steps = {key: step for key, step in steps.items() if step is not None}
+            if kernel is not None and entry.block_mask is not None and entry.contender.name != KERNEL_ONLY:
+                steps[("kernel", index)] = runner.step(functools.partial(kernel, block_mask=entry.block_mask))
         config = self.config
         timings, failures = timing.measure(
             steps, self.device, warmup=config.warmup, repeats=config.repeats, sample_ms=config.sample_ms,
@@ -239,13 +245,12 @@ class Sweep:
         return [self._row(entries[i], case, mode, timings[i], timings.get(("kernel", i)), reference, steps[i])
                 for i in steps if isinstance(i, int) and i in timings]
 
-    def _kernel_step(self, runner: "_Runner", entry: Entry, case: Case, qkv):
-        """The block_sparse kernel alone on the blocks `entry` chose (None when it cannot run the case)."""
+    def _kernel_forward(self, case: Case, qkv):
+        """The block_sparse kernel, to time alone on the blocks a sparse method chose (its estimator
+        left out); None when it cannot run the case."""
         if self.kernel_only.skip_reason(case, self.device) is not None:
             return None
-        kernel = self.kernel_only.bind(*qkv, case, self.device, self.config.seed).forward
-        mask = entry.block_mask
-        return runner.step(lambda q, k, v: kernel(q, k, v, block_mask=mask))
+        return self.kernel_only.bind(*qkv, case, self.device, self.config.seed).forward
 
     def _row(self, entry: Entry, case: Case, mode: str, timed: timing.Timing, kernel: timing.Timing | None,
              reference: timing.Timing | None, step) -> dict[str, Any]:

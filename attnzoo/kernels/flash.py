@@ -33,13 +33,15 @@ o (B, Hq, N, Dv) in q's dtype; lse and delta (B, Hq, N) fp32 contiguous. Offsets
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from ._common import (LN2, _dot, _head, _load_row_stats, _load_rows, _online_softmax, _partner_tiles,
                       _scores_log2, _softcap_grad, _store_rows, _visible)
-from ._config import (dot_precision, fixed_tile, interpret_tile, new_output, next_pow2, prune_for_sparse,
+from ._config import (dot_precision, fixed_tile, interpret_tile, new_output, next_pow2, prune_for_device,
                       triton_interpreting)
 
 
@@ -57,21 +59,32 @@ def _index_row(b, h, block, stride_cb, stride_ch, stride_cr, stride_ib, stride_i
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
+def _load_kv(X, start, rows, stride_row, n_rows, cols, stride_col, n_cols, TMA: tl.constexpr):
+    """Rows [start, +len(rows)) of a key / value head: through its tensor descriptor (TMA: the copy
+    engine loads the tile and zero-fills outside [0, n_rows) x [0, n_cols)), else as _load_rows."""
+    if TMA:
+        tile = X.load([start, 0])
+    else:
+        tile = _load_rows(X, rows, stride_row, n_rows, cols, stride_col, n_cols)
+    return tile
+
+
+@triton.jit
 def _fwd_tile(acc, row_sum, row_max, start_n, MASKED: tl.constexpr,
               q, offs_m, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, M, D, DV,
               diag, window_left, window_right, scale, softcap,
               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-              BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+              BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
     """One key tile of the online softmax: update (acc, row_sum, row_max) with keys [start_n, +BLOCK_N).
     acc (BLOCK_M, BLOCK_DV), row_sum and row_max (BLOCK_M,) fp32; q (BLOCK_M, BLOCK_D)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k = _load_rows(K, offs_n, stride_kn, M, offs_d, stride_kd, D)  # (BLOCK_N, BLOCK_D)
+    k = _load_kv(K, start_n, offs_n, stride_kn, M, offs_d, stride_kd, D, TMA)  # (BLOCK_N, BLOCK_D)
     s = _scores_log2(_dot(q, tl.trans(k), PRECISION), scale, softcap, HAS_SOFTCAP)  # (BLOCK_M, BLOCK_N)
     if MASKED:
         keep = _visible(offs_m[:, None], offs_n[None, :], M, diag, window_left, window_right, HAS_LEFT, HAS_RIGHT)
         s = tl.where(keep, s, float("-inf"))
     p, alpha, row_max = _online_softmax(s, row_max, MASKED)  # only a masked tile can leave a row empty
-    v = _load_rows(V, offs_n, stride_vn, M, offs_dv, stride_vd, DV)  # (BLOCK_N, BLOCK_DV)
+    v = _load_kv(V, start_n, offs_n, stride_vn, M, offs_dv, stride_vd, DV, TMA)  # (BLOCK_N, BLOCK_DV)
     acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
     return acc, row_sum * alpha + tl.sum(p, 1), row_max
 
@@ -81,13 +94,13 @@ def _fwd_span(acc, row_sum, row_max, tile_lo, tile_hi, MASKED: tl.constexpr,
               q, offs_m, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, M, D, DV,
               diag, window_left, window_right, scale, softcap,
               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-              BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+              BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
     """_fwd_tile over the key tiles [tile_lo, tile_hi), i.e. keys [tile_lo * BLOCK_N, tile_hi * BLOCK_N)."""
     for t in range(tile_lo, tile_hi):
         acc, row_sum, row_max = _fwd_tile(
             acc, row_sum, row_max, t * BLOCK_N, MASKED,
             q, offs_m, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, M, D, DV,
-            diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BLOCK_N, PRECISION)
+            diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BLOCK_N, PRECISION, TMA)
     return acc, row_sum, row_max
 
 
@@ -96,7 +109,7 @@ def _fwd_listed(acc, row_sum, row_max, COUNT, INDEX, MASKED: tl.constexpr,
                 q, offs_m, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, M, D, DV,
                 diag, window_left, window_right, scale, softcap,
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                SPARSE_K: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                SPARSE_K: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
     """_fwd_tile over the *COUNT key blocks listed at INDEX, each SPARSE_K keys (SPARSE_K // BLOCK_N tiles)."""
     for i in range(tl.load(COUNT)):
         key_block = tl.load(INDEX + i)
@@ -105,7 +118,7 @@ def _fwd_listed(acc, row_sum, row_max, COUNT, INDEX, MASKED: tl.constexpr,
                 acc, row_sum, row_max, key_block * SPARSE_K + t * BLOCK_N, MASKED,
                 q, offs_m, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, M, D, DV,
                 diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BLOCK_N,
-                PRECISION)
+                PRECISION, TMA)
     return acc, row_sum, row_max
 
 
@@ -122,9 +135,11 @@ def _flash_fwd_kernel(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     SPARSE_Q: tl.constexpr, SPARSE_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):
     # q (B, HQ, N, D), k (B, HQ // GROUP, M, D), v (B, HQ // GROUP, M, DV) -> o (B, HQ, N, DV), lse (B, HQ, N)
+    # TMA (Hopper): q, k, v tiles come through device-side tensor descriptors of their (b, h) head
+    # (unit last stride, 16-byte aligned rows; the launcher checks), pipelined by the copy engine.
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HQ
@@ -135,7 +150,14 @@ def _flash_fwd_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = _load_rows(_head(Q, b, h, stride_qb, stride_qh), offs_m, stride_qn, N, offs_d, stride_qd, D)
+    if TMA:
+        K = tl.make_tensor_descriptor(K, shape=[M, D], strides=[stride_kn, 1], block_shape=[BLOCK_N, BLOCK_D])
+        V = tl.make_tensor_descriptor(V, shape=[M, DV], strides=[stride_vn, 1], block_shape=[BLOCK_N, BLOCK_DV])
+        q_desc = tl.make_tensor_descriptor(_head(Q, b, h, stride_qb, stride_qh), shape=[N, D], strides=[stride_qn, 1],
+                                           block_shape=[BLOCK_M, BLOCK_D])
+        q = q_desc.load([start_m, 0])
+    else:
+        q = _load_rows(_head(Q, b, h, stride_qb, stride_qh), offs_m, stride_qn, N, offs_d, stride_qd, D)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
     row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     row_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -148,12 +170,12 @@ def _flash_fwd_kernel(
             acc, row_sum, row_max, COUNT_FULL + count, INDEX_FULL + lists, False,
             q, offs_m, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, M, D, DV,
             diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, SPARSE_K, BLOCK_N,
-            PRECISION)
+            PRECISION, TMA)
         acc, row_sum, row_max = _fwd_listed(
             acc, row_sum, row_max, COUNT_PART + count, INDEX_PART + lists, True,
             q, offs_m, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, M, D, DV,
             diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, SPARSE_K, BLOCK_N,
-            PRECISION)
+            PRECISION, TMA)
     else:  # the key tiles the window lets these rows see: masked edge, unmasked middle, masked edge
         t_lo, t_full_lo, t_full_hi, t_hi = _partner_tiles(
             start_m, tl.minimum(start_m + BLOCK_M, N) - 1, M, diag - window_left, diag + window_right,
@@ -161,15 +183,15 @@ def _flash_fwd_kernel(
         acc, row_sum, row_max = _fwd_span(
             acc, row_sum, row_max, t_lo, t_full_lo, True,
             q, offs_m, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, M, D, DV,
-            diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BLOCK_N, PRECISION)
+            diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BLOCK_N, PRECISION, TMA)
         acc, row_sum, row_max = _fwd_span(
             acc, row_sum, row_max, t_full_lo, t_full_hi, False,
             q, offs_m, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, M, D, DV,
-            diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BLOCK_N, PRECISION)
+            diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BLOCK_N, PRECISION, TMA)
         acc, row_sum, row_max = _fwd_span(
             acc, row_sum, row_max, t_full_hi, t_hi, True,
             q, offs_m, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, M, D, DV,
-            diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BLOCK_N, PRECISION)
+            diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BLOCK_N, PRECISION, TMA)
 
     empty = row_sum == 0.0  # rows that saw no key: o = 0, lse = -inf
     out = acc / tl.where(empty, 1.0, row_sum)[:, None]
@@ -461,22 +483,31 @@ def _flash_dkdv_kernel(
 # Autotuning (CUDA) and launchers
 # ----------------------------------------------------------------------------------------------
 
-_TUNE_KEY = ["TUNE_N", "TUNE_M", "BLOCK_D", "BLOCK_DV", "HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "SPARSE_Q", "SPARSE_K"]
+_TUNE_KEY = ["TUNE_N", "TUNE_M", "BLOCK_D", "BLOCK_DV", "HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "SPARSE_Q", "SPARSE_K",
+             "TMA"]
 
 
-def _autotuned(kernel, shapes):
-    """`kernel` autotuned over (BLOCK_M, BLOCK_N, num_warps, num_stages) configs; with a sparse index,
-    only the configs whose tiles divide the sparse blocks (prune_for_sparse)."""
+def _autotuned(kernel, kind, shapes):
+    """`kernel` autotuned over (BLOCK_M, BLOCK_N, num_warps, num_stages) configs, pruned before any
+    compile by prune_for_device: with a sparse index, only the configs whose tiles divide the sparse
+    blocks (prune_for_sparse); then only those that fit the device's shared memory and do not spill
+    on its architecture and head dim (the static table of scripts/kernel_report.py)."""
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
-    return triton.autotune(configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": prune_for_sparse})(kernel)
+    key = [name for name in _TUNE_KEY if name in kernel.arg_names]
+    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune_for_device(kind)})(kernel)
 
 
-_flash_fwd_tuned = _autotuned(_flash_fwd_kernel, [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 32, 4, 4),
-                                                  (64, 64, 4, 3), (64, 32, 4, 4), (32, 32, 4, 3), (16, 16, 2, 2)])
-_flash_dq_tuned = _autotuned(_flash_dq_kernel, [(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 3),
-                                                (32, 32, 4, 2), (16, 16, 2, 2)])
-_flash_dkdv_tuned = _autotuned(_flash_dkdv_kernel, [(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3),
-                                                    (32, 32, 4, 2), (16, 16, 2, 2)])
+# The candidate lists; which of them a device keeps is in benchmarks/results/static/kernels.md.
+_flash_fwd_tuned = _autotuned(_flash_fwd_kernel, "fwd", [
+    (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4),
+    (32, 32, 4, 3), (16, 16, 2, 2)])
+_flash_dq_tuned = _autotuned(_flash_dq_kernel, "dq", [
+    (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2), (16, 16, 2, 2)])
+_flash_dkdv_tuned = _autotuned(_flash_dkdv_kernel, "dkdv", [  # (32, 64, 8, 2), (16, 64, 4, 2): D128 without spills
+    (64, 128, 8, 2), (64, 64, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 8, 2), (32, 64, 4, 3), (16, 64, 4, 2),
+    (32, 32, 4, 2), (16, 16, 2, 2)])
+TUNED = {"fwd": _flash_fwd_tuned, "dq": _flash_dq_tuned, "dkdv": _flash_dkdv_tuned}
+TMA_CONFIGS = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in _flash_fwd_tuned.configs]
 
 
 def _launch(plain, tuned, grid_rows, grid_cols, args, meta, tile_axis: str):
@@ -517,6 +548,33 @@ def _tune_bucket(x: int) -> int:
     return triton.next_power_of_2(x)
 
 
+def _tma_ready(*tensors) -> bool:
+    """Tensor descriptors can describe these (B, H, rows, D) tensors: unit last stride, every other
+    stride and the base address 16-byte aligned, 16-bit elements."""
+    for x in tensors:
+        if x.dtype not in (torch.float16, torch.bfloat16) or x.stride(-1) != 1 or x.data_ptr() % 16:
+            return False
+        if any(st * x.element_size() % 16 for st in x.stride()[:-1]):
+            return False
+    return True
+
+
+def _tma_allocator(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def use_tma(q, k, v) -> bool:
+    """The forward's q / k / v tiles come through tensor descriptors (TMA): on Hopper (sm_90) when the
+    tensors allow it (_tma_ready). ATTNZOO_FLASH_TMA=0 turns it off, =1 asks for it wherever the
+    tensors allow (also under the interpreter, which tests the descriptor path on CPU)."""
+    forced = os.environ.get("ATTNZOO_FLASH_TMA", "")
+    if forced == "0" or not _tma_ready(q, k, v):
+        return False
+    if forced == "1":
+        return True
+    return not triton_interpreting() and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9
+
+
 def flash_fwd(q, k, v, *, scale: float, window=(-1, -1), softcap: float = 0.0, index=None):
     """o (B, Hq, N, Dv) in q's dtype and lse (B, Hq, N) fp32. `index`: a SparseIndex or None (dense)."""
     B, Hq, N, D = q.shape
@@ -525,8 +583,12 @@ def flash_fwd(q, k, v, *, scale: float, window=(-1, -1), softcap: float = 0.0, i
     lse = new_output((B, Hq, N), torch.float32, q.device)
     args = (q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(), *_index_args(index, False),
             Hq, N, M, D, Dv, Hq // Hk, scale, softcap, window[0], window[1], _tune_bucket(N), _tune_bucket(M))
+    tma = use_tma(q, k, v)
+    if tma and q.is_cuda and isinstance(triton.runtime._allocation._allocator.get(),
+                                        triton.runtime._allocation.NullAllocator):
+        triton.set_allocator(_tma_allocator)  # device-side descriptors need a little global scratch
     _launch(_flash_fwd_kernel, _flash_fwd_tuned, N, B * Hq, args,
-            _common_meta(q, k, v, window, softcap, index), "BLOCK_M")
+            dict(_common_meta(q, k, v, window, softcap, index), TMA=tma), "BLOCK_M")
     return o, lse
 
 

@@ -22,6 +22,8 @@ All tensors are contiguous (B, H, N, D) or (B, H, NT, K, V); launchers make them
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -30,10 +32,40 @@ from ._config import interpret_tile, new_output, next_pow2, triton_interpreting
 
 
 @triton.jit
-def _load_tile_f32(ptr, bh, rows, cols, N, D):
-    """Tile (len(rows), len(cols)) of a contiguous (BH, N, D) tensor, upcast to fp32, zero outside."""
+def _load_tile(ptr, bh, rows, cols, N, D):
+    """Tile (len(rows), len(cols)) of a contiguous (BH, N, D) tensor in its own dtype, zero outside."""
     mask = (rows[:, None] < N) & (cols[None, :] < D)
-    return tl.load(ptr + bh * N * D + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    return tl.load(ptr + bh * N * D + rows[:, None] * D + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _load_tile_f32(ptr, bh, rows, cols, N, D):
+    """_load_tile upcast to fp32 (what the element-wise gate arithmetic works in)."""
+    return _load_tile(ptr, bh, rows, cols, N, D).to(tl.float32)
+
+
+@triton.jit
+def _load_operand(ptr, bh, rows, cols, N, D, PRECISION: tl.constexpr):
+    """A tile that only feeds tl.dot (_mm): kept in its 16-bit dtype for "native" products, else fp32."""
+    tile = _load_tile(ptr, bh, rows, cols, N, D)
+    if PRECISION != "native":
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
+def _mm(a, b, ELEM: tl.constexpr, PRECISION: tl.constexpr):
+    """a @ b, fp32 accumulation. "native": both operands in the 16-bit input dtype ELEM (fp32 gate
+    factors and states are rounded to it first, as fla does), so the product runs on bf16 / fp16
+    tensor cores (wgmma on sm_90); "ieee": exact fp32; "upcast" (the interpreter, whose bf16 tl.dot is
+    wrong): fp32 operands with a tf32 hint, exactly what the kernels did before "native"."""
+    if PRECISION == "native":
+        out = tl.dot(a.to(ELEM), b.to(ELEM), out_dtype=tl.float32)
+    elif PRECISION == "upcast":
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
+    else:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
+    return out
 
 
 @triton.jit
@@ -86,11 +118,15 @@ def _decay_tile(gam, causal_mask):
 
 
 @triton.jit
-def _intra_scores(q_tile, k_tile, gam, causal_mask, GATED: tl.constexpr, PRECISION: tl.constexpr):
+def _intra_scores(q_tile, k_tile, gam, causal_mask, GATED: tl.constexpr, ELEM: tl.constexpr,
+                  PRECISION: tl.constexpr):
     """Partial A (BT, BT) over one key-channel block, unmasked in the ungated case."""
     if GATED:
-        return tl.sum(q_tile[:, None, :] * k_tile[None, :, :] * _decay_tile(gam, causal_mask), axis=2)
-    return tl.dot(q_tile, tl.trans(k_tile), input_precision=PRECISION)
+        out = tl.sum(q_tile.to(tl.float32)[:, None, :] * k_tile.to(tl.float32)[None, :, :]
+                     * _decay_tile(gam, causal_mask), axis=2)
+    else:
+        out = _mm(q_tile, tl.trans(k_tile), ELEM, PRECISION)
+    return out
 
 
 @triton.jit
@@ -102,6 +138,7 @@ def _states_fwd(k, v, g, h0, chunk_states, final_state, N, K, V, NT,
     #    causal); final_state (BH, K, V) fp32
     i_k, i_v, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     keys, vals, t = i_k * BK + tl.arange(0, BK), i_v * BV + tl.arange(0, BV), tl.arange(0, BT)
+    ELEM: tl.constexpr = k.dtype.element_ty
     h = tl.zeros([BK, BV], dtype=tl.float32)  # (BK, BV)
     if HAS_INITIAL:
         h = _load_state(h0, bh, 0, NT, keys, vals, K, V, False)
@@ -109,12 +146,12 @@ def _states_fwd(k, v, g, h0, chunk_states, final_state, N, K, V, NT,
         if STORE_CHUNKS:
             _store_state(chunk_states, h, bh, n, NT, keys, vals, K, V, True)
         rows = n * BT + t
-        k_tile = _load_tile_f32(k, bh, rows, keys, N, K)
+        k_tile = _load_operand(k, bh, rows, keys, N, K, PRECISION)
         if GATED:
             gam, last = _chunk_log_decay(g, bh, rows, keys, N, K, GATED)
-            k_tile = k_tile * tl.exp(last[None, :] - gam)
+            k_tile = k_tile.to(tl.float32) * tl.exp(last[None, :] - gam)
             h = h * tl.exp(last)[:, None]
-        h += tl.dot(tl.trans(k_tile), _load_tile_f32(v, bh, rows, vals, N, V), input_precision=PRECISION)
+        h += _mm(tl.trans(k_tile), _load_operand(v, bh, rows, vals, N, V, PRECISION), ELEM, PRECISION)
     _store_state(final_state, h, bh, 0, NT, keys, vals, K, V, False)
 
 
@@ -126,22 +163,24 @@ def _output_fwd(q, k, v, g, states, out, scale, N, K, V, NT,
     # states (BH, NT, K, V) fp32 [causal] or (BH, K, V) final state [non-causal] -> out (BH, N, V) fp32
     i_v, n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     vals, t = i_v * BV + tl.arange(0, BV), tl.arange(0, BT)
+    ELEM: tl.constexpr = q.dtype.element_ty
     rows = n * BT + t
     causal_mask = t[:, None] >= t[None, :]
     inter = tl.zeros([BT, BV], dtype=tl.float32)
     scores = tl.zeros([BT, BT], dtype=tl.float32)
     for kb in range(0, tl.cdiv(K, BK)):
         keys = kb * BK + tl.arange(0, BK)
-        q_tile = _load_tile_f32(q, bh, rows, keys, N, K)
+        q_tile = _load_operand(q, bh, rows, keys, N, K, PRECISION)
         gam, _ = _chunk_log_decay(g, bh, rows, keys, N, K, GATED)
         if CAUSAL:
-            scores += _intra_scores(q_tile, _load_tile_f32(k, bh, rows, keys, N, K), gam, causal_mask, GATED, PRECISION)
+            scores += _intra_scores(q_tile, _load_operand(k, bh, rows, keys, N, K, PRECISION), gam, causal_mask, GATED,
+                                    ELEM, PRECISION)
         if GATED:
-            q_tile = q_tile * tl.exp(gam)
-        inter += tl.dot(q_tile, _load_state(states, bh, n, NT, keys, vals, K, V, CAUSAL), input_precision=PRECISION)
+            q_tile = q_tile.to(tl.float32) * tl.exp(gam)
+        inter += _mm(q_tile, _load_state(states, bh, n, NT, keys, vals, K, V, CAUSAL), ELEM, PRECISION)
     if CAUSAL:
         scores = tl.where(causal_mask, scores, 0.0)
-        inter += tl.dot(scores, _load_tile_f32(v, bh, rows, vals, N, V), input_precision=PRECISION)
+        inter += _mm(scores, _load_operand(v, bh, rows, vals, N, V, PRECISION), ELEM, PRECISION)
     _store_tile(out, scale * inter, bh, rows, vals, N, V)
 
 
@@ -154,6 +193,7 @@ def _states_bwd(q, g, dout, dfinal, dstates, dh0, scale, N, K, V, NT,
     #    dh0 (BH, K, V) fp32: gradient of the initial state = of the total state when non-causal
     i_k, i_v, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     keys, vals, t = i_k * BK + tl.arange(0, BK), i_v * BV + tl.arange(0, BV), tl.arange(0, BT)
+    ELEM: tl.constexpr = q.dtype.element_ty
     dh = tl.zeros([BK, BV], dtype=tl.float32)  # (BK, BV)
     if HAS_DFINAL:
         dh = _load_state(dfinal, bh, 0, NT, keys, vals, K, V, False)
@@ -162,12 +202,12 @@ def _states_bwd(q, g, dout, dfinal, dstates, dh0, scale, N, K, V, NT,
         if STORE_CHUNKS:
             _store_state(dstates, dh, bh, n, NT, keys, vals, K, V, True)
         rows = n * BT + t
-        q_tile = _load_tile_f32(q, bh, rows, keys, N, K)
+        q_tile = _load_operand(q, bh, rows, keys, N, K, PRECISION)
         if GATED:
             gam, last = _chunk_log_decay(g, bh, rows, keys, N, K, GATED)
-            q_tile = q_tile * tl.exp(gam)
+            q_tile = q_tile.to(tl.float32) * tl.exp(gam)
             dh = dh * tl.exp(last)[:, None]
-        dh += scale * tl.dot(tl.trans(q_tile), _load_tile_f32(dout, bh, rows, vals, N, V), input_precision=PRECISION)
+        dh += scale * _mm(tl.trans(q_tile), _load_operand(dout, bh, rows, vals, N, V, PRECISION), ELEM, PRECISION)
     _store_state(dh0, dh, bh, 0, NT, keys, vals, K, V, False)
 
 
@@ -179,6 +219,7 @@ def _dqk_bwd(q, k, v, g, states, dstates, dout, dq, dk, scale, N, K, V, NT,
     # [causal] or the final state / dh0 (BH, K, V) [non-causal] -> dq, dk (BH, N, K) fp32
     i_k, n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     keys, t = i_k * BK + tl.arange(0, BK), tl.arange(0, BT)
+    ELEM: tl.constexpr = q.dtype.element_ty
     rows = n * BT + t
     causal_mask = t[:, None] >= t[None, :]
     d_scores = tl.zeros([BT, BT], dtype=tl.float32)
@@ -186,14 +227,15 @@ def _dqk_bwd(q, k, v, g, states, dstates, dout, dq, dk, scale, N, K, V, NT,
     dk_inter = tl.zeros([BT, BK], dtype=tl.float32)
     for vb in range(0, tl.cdiv(V, BV)):
         vals = vb * BV + tl.arange(0, BV)
-        do_tile, v_tile = _load_tile_f32(dout, bh, rows, vals, N, V), _load_tile_f32(v, bh, rows, vals, N, V)
+        do_tile = _load_operand(dout, bh, rows, vals, N, V, PRECISION)
+        v_tile = _load_operand(v, bh, rows, vals, N, V, PRECISION)
         h_tile = _load_state(states, bh, n, NT, keys, vals, K, V, CAUSAL)  # (BK, BV)
         dh_tile = _load_state(dstates, bh, n, NT, keys, vals, K, V, CAUSAL)
         if CAUSAL:
-            d_scores += tl.dot(do_tile, tl.trans(v_tile), input_precision=PRECISION)
-        dq_inter += tl.dot(do_tile, tl.trans(h_tile), input_precision=PRECISION)
-        dk_inter += tl.dot(v_tile, tl.trans(dh_tile), input_precision=PRECISION)
-    q_tile, k_tile = _load_tile_f32(q, bh, rows, keys, N, K), _load_tile_f32(k, bh, rows, keys, N, K)
+            d_scores += _mm(do_tile, tl.trans(v_tile), ELEM, PRECISION)
+        dq_inter += _mm(do_tile, tl.trans(h_tile), ELEM, PRECISION)
+        dk_inter += _mm(v_tile, tl.trans(dh_tile), ELEM, PRECISION)
+    q_tile, k_tile = _load_operand(q, bh, rows, keys, N, K, PRECISION), _load_operand(k, bh, rows, keys, N, K, PRECISION)
     if GATED:
         gam, last = _chunk_log_decay(g, bh, rows, keys, N, K, GATED)
         dq_inter = dq_inter * tl.exp(gam)
@@ -202,11 +244,11 @@ def _dqk_bwd(q, k, v, g, states, dstates, dout, dq, dk, scale, N, K, V, NT,
         d_scores = tl.where(causal_mask, d_scores, 0.0)
         if GATED:
             weighted = d_scores[:, :, None] * _decay_tile(gam, causal_mask)
-            dq_inter += tl.sum(weighted * k_tile[None, :, :], axis=1)
-            dk_inter += scale * tl.sum(weighted * q_tile[:, None, :], axis=0)
+            dq_inter += tl.sum(weighted * k_tile.to(tl.float32)[None, :, :], axis=1)
+            dk_inter += scale * tl.sum(weighted * q_tile.to(tl.float32)[:, None, :], axis=0)
         else:
-            dq_inter += tl.dot(d_scores, k_tile, input_precision=PRECISION)
-            dk_inter += scale * tl.dot(tl.trans(d_scores), q_tile, input_precision=PRECISION)
+            dq_inter += _mm(d_scores, k_tile, ELEM, PRECISION)
+            dk_inter += scale * _mm(tl.trans(d_scores), q_tile, ELEM, PRECISION)
     _store_tile(dq, scale * dq_inter, bh, rows, keys, N, K)
     _store_tile(dk, dk_inter, bh, rows, keys, N, K)
 
@@ -219,23 +261,24 @@ def _dv_bwd(q, k, g, dstates, dout, dv, scale, N, K, V, NT,
     # dh0 (BH, K, V) [non-causal] -> dv (BH, N, V) fp32
     i_v, n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     vals, t = i_v * BV + tl.arange(0, BV), tl.arange(0, BT)
+    ELEM: tl.constexpr = q.dtype.element_ty
     rows = n * BT + t
     causal_mask = t[:, None] >= t[None, :]
     scores = tl.zeros([BT, BT], dtype=tl.float32)
     dv_tile = tl.zeros([BT, BV], dtype=tl.float32)
     for kb in range(0, tl.cdiv(K, BK)):
         keys = kb * BK + tl.arange(0, BK)
-        q_tile, k_tile = _load_tile_f32(q, bh, rows, keys, N, K), _load_tile_f32(k, bh, rows, keys, N, K)
+        q_tile, k_tile = _load_operand(q, bh, rows, keys, N, K, PRECISION), _load_operand(k, bh, rows, keys, N, K, PRECISION)
         gam, last = _chunk_log_decay(g, bh, rows, keys, N, K, GATED)
         if CAUSAL:
-            scores += _intra_scores(q_tile, k_tile, gam, causal_mask, GATED, PRECISION)
+            scores += _intra_scores(q_tile, k_tile, gam, causal_mask, GATED, ELEM, PRECISION)
         if GATED:
-            k_tile = k_tile * tl.exp(last[None, :] - gam)
-        dv_tile += tl.dot(k_tile, _load_state(dstates, bh, n, NT, keys, vals, K, V, CAUSAL), input_precision=PRECISION)
-    do_tile = _load_tile_f32(dout, bh, rows, vals, N, V)
+            k_tile = k_tile.to(tl.float32) * tl.exp(last[None, :] - gam)
+        dv_tile += _mm(k_tile, _load_state(dstates, bh, n, NT, keys, vals, K, V, CAUSAL), ELEM, PRECISION)
+    do_tile = _load_operand(dout, bh, rows, vals, N, V, PRECISION)
     if CAUSAL:
         scores = tl.where(causal_mask, scores, 0.0)
-        dv_tile += scale * tl.dot(tl.trans(scores), do_tile, input_precision=PRECISION)
+        dv_tile += scale * _mm(tl.trans(scores), do_tile, ELEM, PRECISION)
     _store_tile(dv, dv_tile, bh, rows, vals, N, V)
 
 
@@ -249,9 +292,16 @@ def _tiles(K: int, V: int, gated: bool) -> tuple[int, int]:
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    """Tiles are upcast to fp32 on load, so every tl.dot sees fp32 operands: exact fp32 products
-    ("ieee") for fp32 inputs, tf32 (as precise as the 16-bit inputs) otherwise."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """The PRECISION of the kernels' products (_mm): exact fp32 ("ieee") for fp32 inputs; for 16-bit
+    inputs "native" on a GPU (bf16 / fp16 operands, fp32 accumulation: the tensor cores' 16-bit
+    rate, wgmma on sm_90), and "upcast" under the interpreter (fp32 operands; its bf16 tl.dot is
+    wrong). ATTNZOO_LINEAR_DOT=native|upcast overrides the 16-bit choice (tests)."""
+    if dtype == torch.float32:
+        return "ieee"
+    forced = os.environ.get("ATTNZOO_LINEAR_DOT", "")
+    if forced in ("native", "upcast"):
+        return forced
+    return "upcast" if triton_interpreting() else "native"
 
 
 def _flat(x: torch.Tensor | None) -> torch.Tensor | None:

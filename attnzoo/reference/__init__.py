@@ -142,7 +142,8 @@ def exact_output(name: str, q, k, v, *, causal: bool, scale: float, params: dict
     q, k, v = _f64(q), _f64(k), _f64(v)
     if name == "dense":
         window = tuple(opts.get("window_size") or (-1, -1))
-        return attention(q, k, v, causal=causal, scale=scale, window_size=window, softcap=float(opts.get("softcap", 0.0)))
+        softcap = float(opts.get("softcap", 0.0))
+        return attention(q, k, v, causal=causal, scale=scale, window_size=window, softcap=softcap)
     if name in _SPARSE:
         if block_mask is not None:
             blocks, (block_q, block_k) = _as_blocks(block_mask, opts.get("block_size", 128))
