@@ -5,7 +5,7 @@ can pick, for sm_90a and sm_80, without a GPU, and tabulate what the compiler ma
     python scripts/kernel_report.py --only flash     # a subset (name filter), printed, nothing written
     python scripts/kernel_report.py --jobs 2         # compile in 2 processes
 
-The full run compiles ~400 kernels (about 15 minutes on 2 cores; run it under `nice`). It writes
+The full run compiles ~510 kernels (about 40 minutes on 2 busy cores; run it under `nice`). It writes
     benchmarks/results/static/kernels.csv   one row per (kernel, arch, head dim, variant, config)
     benchmarks/results/static/kernels.md    the same as a Markdown table, kept configs first
     benchmarks/results/static/env.json      Triton / ptxas versions the table was made with

@@ -150,7 +150,7 @@ def test_recompiled_subset_matches_the_committed_table():
     assert len(fresh) == len(_subset_jobs())
     committed = {kernel_report.row_key(r): r for r in TABLE}
     for row in fresh:
-        row = kernel_report.finish_row({**row["tag"], **row})
+        row = kernel_report.finish_row({**row, **row["tag"]})
         old = committed[kernel_report.row_key(row)]
         where = kernel_report.row_key(row)
         assert row["ok"], (where, row.get("error"))
