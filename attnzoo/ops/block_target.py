@@ -9,20 +9,12 @@ from __future__ import annotations
 
 import torch
 
-
-def _implementation(backend: str):
-    if backend == "triton":
-        from ..kernels import block_target
-    elif backend == "torch":
-        from ..torch_impl import block_target
-    else:
-        raise ValueError(f"the block-target op has backends 'triton' and 'torch', not {backend!r}")
-    return block_target
+from .dispatch import implementation
 
 
 def block_max_probs(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, scale: float, causal: bool,
                     block_size: int, backend: str) -> torch.Tensor:
     """(B, Hq, nQB, nKB) fp32: max over each (block x block) pair of exp(scale q k^T - lse), no gradient."""
     with torch.no_grad():
-        return _implementation(backend).block_max_probs(q, k, lse, scale=scale, causal=causal,
+        return implementation("block_target", backend).block_max_probs(q, k, lse, scale=scale, causal=causal,
                                                         block_size=block_size)

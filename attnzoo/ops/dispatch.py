@@ -10,6 +10,7 @@ backend names: the API resolves the requested one here, and each op turns it int
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 
 import torch
@@ -59,3 +60,14 @@ def resolve(backend: str, device: torch.device, supported: tuple[str, ...], meth
     if not ok:
         raise ValueError(f"backend={backend!r} cannot run method {method!r}: {why}")
     return backend
+
+
+_PACKAGES = {"triton": "attnzoo.kernels", "torch": "attnzoo.torch_impl"}
+
+
+def implementation(op: str, backend: str):
+    """The module that implements `op` for `backend`: attnzoo/kernels/<op>.py (Triton) or its twin
+    attnzoo/torch_impl/<op>.py; both follow one signature. Imported on first use."""
+    if backend not in _PACKAGES:
+        raise ValueError(f"the {op} op has backends 'triton' and 'torch', not {backend!r}")
+    return importlib.import_module(f"{_PACKAGES[backend]}.{op}")

@@ -21,16 +21,7 @@ from torch.autograd.function import once_differentiable
 
 from ..block_mask import BlockMask
 from ..geometry import causal_window
-
-
-def _implementation(path: str):
-    if path == "triton":
-        from ..kernels import flash
-    elif path == "twin":
-        from ..torch_impl import flash
-    else:
-        raise ValueError(f"the flash op has backends 'triton' and 'torch', not {path!r}")
-    return flash
+from .dispatch import implementation
 
 
 class _FlashAttention(torch.autograd.Function):
@@ -90,4 +81,5 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
                                              enable_gqa=q.shape[1] != k.shape[1])
         return out, None
     index = None if block_mask is None else block_mask.sparse_index(n, m, causal=False, window=window)
-    return _FlashAttention.apply(q, k, v, scale, window, softcap, index, _implementation(path))
+    impl = implementation("flash", "triton" if path == "triton" else "torch")
+    return _FlashAttention.apply(q, k, v, scale, window, softcap, index, impl)

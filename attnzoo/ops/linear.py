@@ -24,18 +24,9 @@ from torch.autograd.function import once_differentiable
 
 from .._env import interpret_tile, triton_interpreting
 from ..validation import check_tensor
+from .dispatch import implementation
 
 _STATE_DTYPE = torch.float32
-
-
-def _impl(backend: str):
-    if backend == "triton":
-        from ..kernels import linear
-        return linear
-    if backend == "torch":
-        from ..torch_impl import linear
-        return linear
-    raise ValueError(f"backend must be 'triton', 'torch' or 'fla' for linear attention, got {backend!r}")
 
 
 def default_chunk_size(gated: bool, backend: str) -> int:
@@ -76,7 +67,7 @@ def _gate_grad(q, k, dq, dk, final_state, dfinal):
 class _ChunkedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, initial_state, scale, causal, chunk_size, backend):
-        impl = _impl(backend)
+        impl = implementation("linear", backend)
         out, chunk_states, final = impl.chunk_linear_fwd(q, k, v, g, initial_state, scale=scale, causal=causal,
                                                          chunk_size=chunk_size)
         ctx.save_for_backward(q, k, v, g, chunk_states, final)

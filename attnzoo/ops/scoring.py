@@ -9,20 +9,12 @@ from __future__ import annotations
 
 import torch
 
-
-def _implementation(backend: str):
-    if backend == "triton":
-        from ..kernels import scoring
-    elif backend == "torch":
-        from ..torch_impl import scoring
-    else:
-        raise ValueError(f"the scoring op has backends 'triton' and 'torch', not {backend!r}")
-    return scoring
+from .dispatch import implementation
 
 
 def antidiagonal_block_scores(q: torch.Tensor, k: torch.Tensor, *, stride: int, block_q: int, block_k: int,
                               scale: float, causal: bool, backend: str) -> torch.Tensor:
     """q (B, Hq, N, D), k (B, Hk, M, D) -> block scores (B, Hq, nQB, nKB) fp32, no gradient."""
     with torch.no_grad():
-        return _implementation(backend).antidiagonal_block_scores(
+        return implementation("scoring", backend).antidiagonal_block_scores(
             q, k, stride=stride, block_q=block_q, block_k=block_k, scale=scale, causal=causal)
