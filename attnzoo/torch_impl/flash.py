@@ -188,8 +188,7 @@ def _fold(x: torch.Tensor, n_kv_heads: int, groups: int) -> torch.Tensor:
     as rows (groups = 1) or kept apart (groups = G, for per-query-head lists)."""
     B, Hq, L = x.shape[:3]
     group = Hq // n_kv_heads
-    x = x.reshape(B, n_kv_heads, groups, (group // groups) * L, *x.shape[3:])
-    return x
+    return x.reshape(B, n_kv_heads, groups, (group // groups) * L, *x.shape[3:])
 
 
 def _unfold(x: torch.Tensor, n_q_heads: int) -> torch.Tensor:
@@ -259,9 +258,9 @@ def flash_fwd(q, k, v, *, scale: float, window=(-1, -1), softcap: float = 0.0, i
 # ---------------------------------------------------------------------------------------------------
 
 
-def _probs(s, lse_rows, keep):
-    """exp(s - lse) with masked pairs at 0; lse_rows (..., R) with +inf for rows that saw nothing."""
-    log_p = s - lse_rows[..., None]
+def _probs(s, lse, keep):
+    """exp(s - lse) with masked pairs at 0; `lse` broadcast to s, +inf for rows that saw nothing."""
+    log_p = s - lse
     if keep is not None:
         log_p = log_p.masked_fill(~keep, -math.inf)
     return torch.exp(log_p)
@@ -288,7 +287,7 @@ def _dq_pass(call: _Call, index, q, k, v, do, lse, delta, acc_dtype) -> torch.Te
         dq_t = torch.zeros_like(q_t)
         for kc, vc, keep in _key_chunks(call, index, row, first, stop, kf, vf, k_blocks, v_blocks):
             s, tanh_s = _scores(q_t, kc, call)
-            p = _probs(s, lse_t, keep)
+            p = _probs(s, lse_t[..., None], keep)
             ds = p * (torch.matmul(do_t, vc.transpose(-1, -2)) - delta_t[..., None])
             if tanh_s is not None:
                 ds = ds * (1 - tanh_s * tanh_s)
@@ -350,7 +349,7 @@ def _dkdv_pass(call: _Call, index, q, k, v, do, lse, delta, acc_dtype):
         dk_t, dv_t = torch.zeros_like(k_t), torch.zeros_like(v_t)
         for q_r, do_r, lse_r, delta_r, keep in _query_chunks(call, index, row, first, stop, per_head, row_blocks):
             s_t, tanh_s = _scores(k_t, q_r, call)  # (B, Hk, T, R)
-            p_t = _probs_t(s_t, lse_r, keep)
+            p_t = _probs(s_t, lse_r[..., 0][..., None, :], keep)  # (B, Hk, T, R): per query row
             dv_t += torch.matmul(p_t, do_r)
             ds_t = p_t * (torch.matmul(v_t, do_r.transpose(-1, -2)) - delta_r[..., 0][..., None, :])
             if tanh_s is not None:
@@ -359,14 +358,6 @@ def _dkdv_pass(call: _Call, index, q, k, v, do, lse, delta, acc_dtype):
         dk[:, :, first:stop] = (dk_t * call.scale).to(k.dtype)
         dv[:, :, first:stop] = dv_t.to(v.dtype)
     return dk, dv
-
-
-def _probs_t(s_t, lse_rows, keep):
-    """Transposed probabilities (B, Hk, T, R): exp(s^T - lse of each query row), masked pairs 0."""
-    log_p = s_t - lse_rows[..., 0][..., None, :]
-    if keep is not None:
-        log_p = log_p.masked_fill(~keep, -math.inf)
-    return torch.exp(log_p)
 
 
 def flash_bwd(do, q, k, v, o, lse, *, scale: float, window=(-1, -1), softcap: float = 0.0, index=None,
