@@ -129,3 +129,20 @@ def test_plain_dense_on_torch_runs_sdpa_and_matches_the_kernel(causal):
     assert flash_path("torch", n=33, m=40, window=(-1, 0), softcap=0.0, sparse=False, need_lse=False) == "twin"
     shape = dict(batch=2, heads=4, kv_heads=2, n=33, m=33, seed=3)
     _check(_both(attnzoo.get("dense"), shape, backward=True, causal=causal), grads=True)
+
+
+@given(shape=_shapes(), causal=st.booleans(), value_dim=st.sampled_from([16, 24]), through_lse=st.booleans())
+def test_sparse_op_with_other_value_dim_and_lse_gradient_backends_agree(shape, causal, value_dim, through_lse):
+    """The twin's pieces run in torch's fused CPU kernel only when D == Dv and no gradient reaches the
+    lse; the other cases take its written-out path. Both agree with the kernel, gradients included."""
+    from attnzoo.ops.flash import flash_attention
+
+    mask = masks.random(shape["n"], shape["m"], 0.6, BLOCK, heads=shape["heads"], seed=shape["seed"], causal=causal)
+    results = []
+    for backend in ("triton", "torch"):
+        q, k, v = _qkv(shape, grad=True)
+        v = torch.cat([v, v[..., : value_dim - 16] * 2], dim=-1).detach().requires_grad_()
+        out, lse = flash_attention(q, k, v, scale=0.25, causal=causal, block_mask=mask, backend=backend)
+        loss = out.sum() * 0.5 + (torch.nan_to_num(lse, neginf=0.0).sum() if through_lse else 0)
+        results.append((out.detach(), None, torch.autograd.grad(loss, (q, k, v))))
+    _check(results, grads=True)

@@ -1,19 +1,23 @@
 """FlashAttention-2 in PyTorch: the twin of attnzoo/kernels/flash.py (same signature, same index, same work).
 
-The queries are cut into tiles: a dense call's tiles are `twin_tile()` rows, a sparse call's tiles
-are the query blocks of its `SparseIndex`. Each tile visits exactly the keys the kernel visits:
-- a dense call, the contiguous span of keys that the window/causal rule lets the tile see
-  (`geometry.visible_span`): the middle that every row sees unmasked, the edges masked;
-- a sparse call, the key blocks listed for the tile: *full* blocks unmasked, *partial* blocks masked
-  element-wise (causal/window edge, ragged tail). Unlisted blocks are never read.
-Keys arrive in chunks of at most `_CHUNK`; an online softmax (running max and sum) joins them and
-the logsumexp is saved. The backward recomputes probabilities from it: dQ walks the same key lists
-per query tile, dK/dV walks the transposed lists (per key block, its query blocks) per key tile.
-So the cost follows the blocks computed, and every index path runs on both backends.
+The rows of every pass are cut into *items*, the unit the kernel gives one program: a query tile
+(forward, dQ) or a key tile (dK/dV), for every (batch, kv head) - and for every query head of the
+group when the index has per-head lists (otherwise the query heads of a group are rows of one item,
+so k and v are never repeated). Each item visits exactly what the kernel visits:
+- a dense call (tiles of `twin_tile()` rows), the contiguous span of keys (queries, in dK/dV) that
+  the window/causal rule lets the tile see (`geometry.visible_span`): the middle that every row sees
+  unmasked, the edges masked;
+- a sparse call (the blocks of its `SparseIndex`), the listed blocks: *full* blocks unmasked,
+  *partial* blocks masked element-wise (causal/window edge, ragged tail); dK/dV walks the transposed
+  lists (per key block, its query blocks). Unlisted blocks are never read.
+Items whose lists have the same length are computed together, one batched call per length (a
+*piece*), so the cost follows the blocks listed: no padding to the longest list, and one Python
+step per distinct list length rather than per tile. The pieces of one item are joined by their
+logsumexp; the backward recomputes probabilities from the saved lse.
 
-GQA stays folded: tiles are (B, Hk, G', R, D) with the query heads of a group as rows of their kv
-head (G' = 1, R = G * rows) when the index is shared by the heads, or (G' = G) when each query head
-has its own lists; k and v are never repeated, each query head gathers only its listed blocks.
+Inside a piece the math runs in torch's fused CPU flash-attention kernel (the one SDPA uses, called
+with its logsumexp and its backward) when the device is the CPU, D == Dv and there is no softcap
+(and, backward, no gradient through lse); otherwise it is written out in torch ops (`_explicit_*`).
 
 Shapes: q (B, Hq, N, D), k (B, Hk, M, D), v (B, Hk, M, Dv) -> o (B, Hq, N, Dv) in q's dtype,
 lse (B, Hq, N) fp32 (-inf for rows that see no key).
@@ -29,102 +33,19 @@ import torch
 import torch.nn.functional as F
 
 from .. import geometry
-from .._env import poisoning
 
-_CHUNK = 2048  # keys (or, in the dK/dV pass, query rows) per step
+_PIECE_ELEMENTS = 1 << 23  # score elements (items x rows x keys) per piece: bounds the explicit path's memory
+_FUSED_FWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_FUSED_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
 def twin_tile() -> int:
-    """Query (and, backward, key) tile of a dense call: ATTNZOO_TWIN_TILE rows, default 64."""
-    return int(os.environ.get("ATTNZOO_TWIN_TILE", "64"))
+    """Query (and, backward, key) tile of a dense call: ATTNZOO_TWIN_TILE rows, default 128."""
+    return int(os.environ.get("ATTNZOO_TWIN_TILE", "128"))
 
 
 def _accum_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _new_output(shape, dtype, device) -> torch.Tensor:
-    """An output buffer every element of which the twin writes (NaN-poisoned under ATTNZOO_POISON=1)."""
-    if poisoning():
-        return torch.full(shape, math.nan, dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-# ---------------------------------------------------------------------------------------------------
-# What a tile visits: chunks of keys (forward, dQ) or of query rows (dK/dV), each with its element
-# mask (None = every pair visible)
-# ---------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Lists:
-    """One kind (full or partial) of a SparseIndex row set: counts (Bm, Hm, rows), lists (Bm, Hm, rows, cols)."""
-
-    counts: torch.Tensor
-    lists: torch.Tensor
-    masked: bool
-
-
-def _row_lists(index, transposed: bool) -> tuple[_Lists, _Lists]:
-    if transposed:
-        return (_Lists(index.q_count_full, index.q_index_full, False),
-                _Lists(index.q_count_part, index.q_index_part, True))
-    return (_Lists(index.kv_count_full, index.kv_index_full, False),
-            _Lists(index.kv_count_part, index.kv_index_part, True))
-
-
-def _per_group(x: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
-    """(Bm, Hm, ...) -> (Bm, Hk | 1, G | 1, ...): an index row set split into kv head and group member."""
-    if x.shape[1] == 1:
-        return x[:, :, None]
-    return x.unflatten(1, (n_kv_heads, -1))
-
-
-def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
-    """(..., L, D) -> (..., ceil(L / block), block, D), zero-padded."""
-    length = x.shape[-2]
-    pad = geometry.num_blocks(length, block) * block - length
-    return (F.pad(x, (0, 0, 0, pad)) if pad else x).unflatten(-2, (-1, block))
-
-
-def _listed(row: int, kinds: tuple[_Lists, _Lists], n_kv_heads: int, block: int):
-    """For `row` of the index: per kind, the slots (chunks of listed blocks) to visit, as
-    (kind, ids (Bm, Hk|1, G|1, c), valid (Bm, Hk|1, G|1, c) bool). Slot chunks hold <= _CHUNK keys."""
-    per_chunk = max(1, _CHUNK // block)
-    for kind in kinds:
-        counts = _per_group(kind.counts[:, :, row], n_kv_heads)  # (Bm, Hk|1, G|1)
-        most = int(counts.max())
-        lists = _per_group(kind.lists[:, :, row], n_kv_heads)  # (Bm, Hk|1, G|1, cols)
-        for first in range(0, most, per_chunk):
-            slots = torch.arange(first, min(first + per_chunk, most), device=counts.device)
-            yield kind, lists[..., slots].long(), slots < counts[..., None]
-
-
-def _gather(blocks: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """blocks (B, Hk, [G,] nBlocks, block, D), ids and valid (Bm, Hk|1, G|1, c) -> (B, Hk, G|1, c * block, D).
-    Slots past a row's count (`valid` False) come out as zeros: like the kernel, whose loop stops at
-    the count, the twin never uses an unlisted block (NaN there must not reach 0 * NaN)."""
-    B, Hk = blocks.shape[:2]
-    b = torch.arange(B, device=ids.device)[:, None, None, None]
-    h = torch.arange(Hk, device=ids.device)[None, :, None, None]
-    if blocks.dim() == 6:  # per-query-head rows: (B, Hk, G, nBlocks, block, D)
-        g = torch.arange(blocks.shape[2], device=ids.device)[None, None, :, None]
-        picked = blocks[b, h, g, ids]
-    else:
-        picked = blocks[b, h, ids]
-    if not bool(valid.all()):
-        picked = picked.masked_fill(~valid[..., None, None], 0.0)
-    return picked.flatten(-3, -2)
-
-
-def _slot_positions(ids: torch.Tensor, block: int) -> torch.Tensor:
-    """ids (..., c) -> positions (..., c * block) of the elements of the listed blocks."""
-    return (ids[..., None] * block + torch.arange(block, device=ids.device)).flatten(-2)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Forward and dQ: per query tile, the key chunks it visits
-# ---------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -133,73 +54,242 @@ class _Call:
 
     n: int
     m: int
+    batch: int
     n_kv_heads: int
     group: int
     window: tuple[int, int]
     scale: float
     softcap: float
-    device: torch.device
+    fused: bool  # the pieces run in torch's fused CPU kernel
 
 
-def _query_tiles(call: _Call, index):
-    """(first, stop) query rows of every tile, and its row in the index (None for dense)."""
-    tile = index.block_q if index is not None else twin_tile()
-    for row, first in enumerate(range(0, call.n, tile)):
-        yield first, min(first + tile, call.n), (row if index is not None else None)
+def _call(q, k, v, scale, window, softcap) -> _Call:
+    fused = q.device.type == "cpu" and softcap == 0 and q.shape[-1] == v.shape[-1]
+    return _Call(q.shape[2], k.shape[2], q.shape[0], k.shape[1], q.shape[1] // k.shape[1], tuple(window),
+                 scale, softcap, fused)
 
 
-def _key_chunks(call: _Call, index, row, first: int, stop: int, k, v, k_blocks, v_blocks):
-    """The keys query rows [first, stop) visit, as (k (B, Hk, G|1, C, D), v (.., C, Dv), keep or None),
-    keep broadcastable to the scores (B, Hk, G|1, R, C) of rows in `_fold` layout."""
-    if index is None:
-        lo, full_lo, full_hi, hi = geometry.visible_span(first, stop - 1, call.n, call.m, call.window)
-        yield from _span_chunks(call, first, stop, lo, full_lo, full_hi, hi, k, v)
-        return
-    for kind, ids, valid in _listed(row, _row_lists(index, False), call.n_kv_heads, index.block_k):
-        keep = valid.repeat_interleave(index.block_k, dim=-1)[..., None, :]  # (Bm, Hk|1, G|1, 1, C)
-        if kind.masked:
-            cols = _slot_positions(ids, index.block_k)[..., None, :]
-            keep = keep & geometry.visible(_row_positions(call, first, stop, ids.shape[2]), cols, call.n, call.m,
-                                           call.window)
-        yield _gather(k_blocks, ids, valid), _gather(v_blocks, ids, valid), (None if bool(keep.all()) else keep)
+# ---------------------------------------------------------------------------------------------------
+# Items: a pass's rows cut into tiles
+# ---------------------------------------------------------------------------------------------------
 
 
-def _span_chunks(call: _Call, first, stop, lo, full_lo, full_hi, hi, k, v):
-    """Dense: keys [lo, hi) in chunks, masked only on the edges [lo, full_lo) and [full_hi, hi)."""
-    for start, end, masked in ((lo, full_lo, True), (full_lo, full_hi, False), (full_hi, hi, True)):
-        for c0 in range(start, end, _CHUNK):
-            c1 = min(c0 + _CHUNK, end)
-            keep = None
-            if masked:
-                cols = torch.arange(c0, c1, device=k.device)
-                keep = geometry.visible(_row_positions(call, first, stop, 1), cols, call.n, call.m,
-                                        call.window)
-            yield k[:, :, None, c0:c1], v[:, :, None, c0:c1], keep
+@dataclass(frozen=True)
+class _Layout:
+    """(B, H, L, E) tensors as items: (B, Hk, groups, nBlocks) tiles of (heads_per_item * block) rows,
+    H = Hk * groups * heads_per_item (queries: heads_per_item = G // groups; keys: 1, groups = 1)."""
+
+    batch: int
+    kv_heads: int
+    groups: int
+    heads_per_item: int
+    block: int
+    length: int
+
+    @property
+    def n_blocks(self) -> int:
+        return geometry.num_blocks(self.length, self.block)
+
+    @property
+    def count(self) -> int:
+        return self.batch * self.kv_heads * self.groups * self.n_blocks
+
+    def items(self, x: torch.Tensor, pad: float = 0.0) -> torch.Tensor:
+        """(B, H, L, E) -> (items, heads_per_item * block, E); rows past L hold `pad`."""
+        B, H, L, E = x.shape
+        x = F.pad(x, (0, 0, 0, self.n_blocks * self.block - L), value=pad)
+        x = x.view(B, self.kv_heads, self.groups, self.heads_per_item, self.n_blocks, self.block, E)
+        return x.transpose(3, 4).reshape(self.count, self.heads_per_item * self.block, E)
+
+    def tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of `items`: (items, heads_per_item * block, E) -> (B, H, L, E)."""
+        E = x.shape[-1]
+        x = x.view(self.batch, self.kv_heads, self.groups, self.n_blocks, self.heads_per_item, self.block, E)
+        x = x.transpose(3, 4).reshape(self.batch, -1, self.n_blocks * self.block, E)
+        return x[:, :, :self.length]
+
+    def positions(self, items: torch.Tensor) -> torch.Tensor:
+        """(P,) item ids -> (P, heads_per_item * block) sequence positions of their rows."""
+        offsets = torch.arange(self.block, device=items.device).repeat(self.heads_per_item)
+        return (items % self.n_blocks * self.block)[:, None] + offsets
+
+    def first_items(self, block: int) -> torch.Tensor:
+        """(B * Hk * groups,) ids of the items of tile `block`, one per (batch, kv head, group)."""
+        return torch.arange(self.batch * self.kv_heads * self.groups) * self.n_blocks + block
 
 
-def _row_positions(call: _Call, first: int, stop: int, groups: int) -> torch.Tensor:
-    """Query positions of the rows of a tile in `_fold` layout: (R, 1), R = (G // groups) * rows."""
-    rows = torch.arange(first, stop, device=call.device)
-    return rows.repeat(call.group // groups)[:, None]
-
-
-def _fold(x: torch.Tensor, n_kv_heads: int, groups: int) -> torch.Tensor:
-    """(B, Hq, L, ...) -> (B, Hk, groups, (G // groups) * L, ...): the query heads of a kv head's group
-    as rows (groups = 1) or kept apart (groups = G, for per-query-head lists)."""
-    B, Hq, L = x.shape[:3]
-    group = Hq // n_kv_heads
-    return x.reshape(B, n_kv_heads, groups, (group // groups) * L, *x.shape[3:])
-
-
-def _unfold(x: torch.Tensor, n_q_heads: int) -> torch.Tensor:
-    """Inverse of `_fold`: (B, Hk, groups, (G // groups) * L, ...) -> (B, Hq, L, ...)."""
-    B, Hk, groups, rows = x.shape[:4]
-    return x.reshape(B, n_q_heads, rows * groups * Hk // n_q_heads, *x.shape[4:])
+def _layouts(call: _Call, block_q: int, block_k: int, groups: int) -> tuple[_Layout, _Layout]:
+    """The query and key layouts of a call (`groups`: G for per-head lists, else 1)."""
+    queries = _Layout(call.batch, call.n_kv_heads, groups, call.group // groups, block_q, call.n)
+    keys = _Layout(call.batch, call.n_kv_heads, 1, 1, block_k, call.m)
+    return queries, keys
 
 
 def _index_groups(index, group: int) -> int:
-    """How the query heads of a group are laid out: 1 (folded as rows) unless the lists are per head."""
+    """How the query heads of a group are laid out: 1 (rows of one item) unless the lists are per head."""
     return group if index is not None and index.kv_count_full.shape[1] > 1 else 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pieces: what a batch of items visits
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Piece:
+    """Items (P,) of the pass's layout, their query-side rows (P, Lq, .) and key-side rows (P, Lk, .),
+    and which pairs are visible: bool broadcastable to (P, Lq, Lk), None when all are."""
+
+    items: torch.Tensor
+    rows: list[torch.Tensor]
+    keys: list[torch.Tensor]
+    keep: torch.Tensor | None
+
+
+def _on_grid(x: torch.Tensor, call: _Call, groups: int) -> torch.Tensor:
+    """An index tensor (Bm, Hm, R, ...) -> (B, Hk, groups, R, ...)."""
+    x = x.expand(call.batch, *x.shape[1:])
+    if x.shape[1] == 1:
+        return x[:, :, None].expand(call.batch, call.n_kv_heads, groups, *x.shape[2:])
+    return x.unflatten(1, (call.n_kv_heads, groups))
+
+
+def _forward_work(counts, lists, call: _Call, groups: int, keys: _Layout):
+    """Per query item: its count (P,) and its listed key items (P, nKB) (valid first)."""
+    counts = _on_grid(counts, call, groups).reshape(-1).long()
+    lists = _on_grid(lists, call, groups).long()  # (B, Hk, groups, nQB, nKB) key blocks
+    head = torch.arange(call.batch * call.n_kv_heads, device=lists.device).view(call.batch, call.n_kv_heads)
+    key_items = lists + (head * keys.n_blocks)[:, :, None, None, None]
+    return counts, key_items.flatten(0, 3)
+
+
+def _transposed_work(counts, lists, call: _Call, groups: int, queries: _Layout):
+    """Per key item: its count (P,) and its listed query items (P, groups * nQB) (valid first), the
+    lists of the query heads of its group side by side."""
+    counts = _on_grid(counts, call, groups).long()  # (B, Hk, groups, nKB)
+    lists = _on_grid(lists, call, groups).long()  # (B, Hk, groups, nKB, nQB) query blocks
+    row_item = torch.arange(call.batch * call.n_kv_heads * groups, device=lists.device)
+    query_items = lists + (row_item * queries.n_blocks).view(call.batch, call.n_kv_heads, groups, 1, 1)
+    valid = torch.arange(lists.shape[-1], device=lists.device) < counts[..., None]
+    query_items, valid = (x.transpose(2, 3).flatten(3, 4).flatten(0, 2) for x in (query_items, valid))
+    order = torch.argsort((~valid).to(torch.int8), dim=-1, stable=True)  # valid entries first
+    return valid.sum(-1), query_items.gather(-1, order)
+
+
+def _buckets(counts: torch.Tensor, entries: torch.Tensor, entry_elements: int):
+    """(items (p,), entries (p, c)) for every list length c > 0, items chunked to bound the score
+    elements (entry_elements per entry)."""
+    for length in torch.unique(counts).tolist():
+        if length == 0:
+            continue
+        items = (counts == length).nonzero()[:, 0]
+        step = max(1, _PIECE_ELEMENTS // (length * entry_elements))
+        for first in range(0, items.numel(), step):
+            chosen = items[first:first + step]
+            yield chosen, entries[chosen, :length]
+
+
+def _row_lists(index, transposed: bool):
+    """(counts, lists, masked) of the full and the partial lists."""
+    if transposed:
+        return ((index.q_count_full, index.q_index_full, False), (index.q_count_part, index.q_index_part, True))
+    return ((index.kv_count_full, index.kv_index_full, False), (index.kv_count_part, index.kv_index_part, True))
+
+
+def _by_mask(call: _Call, queries: _Layout, keys: _Layout, query_items, key_items):
+    """Split the items of a masked piece by their element mask: (chosen (p,), keep (1, Lq, Lk)) per
+    mask. query_items (P, a) and key_items (P, b) are the blocks each item's rows and keys come from;
+    items whose key blocks sit at the same offsets from their query blocks (and reach past the last
+    key alike) have the same mask, so it is built once, not per item."""
+    query_start = query_items % queries.n_blocks * queries.block
+    key_start = key_items % keys.n_blocks * keys.block
+    ragged = key_start + keys.block > call.m
+    signature = torch.cat([(key_start[:, None, :] - query_start[:, :, None]).flatten(1), ragged.long()], dim=1)
+    masks, which = torch.unique(signature, dim=0, return_inverse=True)
+    for mask in range(masks.shape[0]):
+        chosen = (which == mask).nonzero()[:, 0]
+        rows = queries.positions(query_items[chosen[0]]).reshape(1, -1, 1)
+        cols = keys.positions(key_items[chosen[0]]).reshape(1, 1, -1)
+        yield chosen, geometry.visible(rows, cols, call.n, call.m, call.window)
+
+
+def _listed_query_pieces(call: _Call, index, queries: _Layout, keys: _Layout, rows, key_rows):
+    """Sparse forward / dQ: query items over their listed key blocks. `rows`: query-side tensors in
+    item layout (items, R, .); `key_rows`: key-side tensors (key items, block_k, .)."""
+    for counts, lists, masked in _row_lists(index, transposed=False):
+        counts, key_items = _forward_work(counts, lists, call, queries.groups, keys)
+        for items, listed in _buckets(counts, key_items, queries.heads_per_item * queries.block * keys.block):
+            split = _by_mask(call, queries, keys, items[:, None], listed) if masked else [(slice(None), None)]
+            for chosen, keep in split:
+                yield _Piece(items[chosen], [x[items[chosen]] for x in rows],
+                             [x[listed[chosen]].flatten(1, 2) for x in key_rows], keep)
+
+
+def _listed_key_pieces(call: _Call, index, queries: _Layout, keys: _Layout, rows, key_rows):
+    """Sparse dK/dV: key items over their listed (transposed) query blocks."""
+    for counts, lists, masked in _row_lists(index, transposed=True):
+        counts, query_items = _transposed_work(counts, lists, call, queries.groups, queries)
+        for items, listed in _buckets(counts, query_items, queries.heads_per_item * queries.block * keys.block):
+            split = _by_mask(call, queries, keys, listed, items[:, None]) if masked else [(slice(None), None)]
+            for chosen, keep in split:
+                yield _Piece(items[chosen], [x[listed[chosen]].flatten(1, 2) for x in rows],
+                             [x[items[chosen]] for x in key_rows], keep)
+
+
+def _span_parts(span: tuple[int, int, int, int], step: int):
+    """(start, stop, masked) chunks of a (lo, full_lo, full_hi, hi) span: the edges masked."""
+    lo, full_lo, full_hi, hi = span
+    for start, end, masked in ((lo, full_lo, True), (full_lo, full_hi, False), (full_hi, hi, True)):
+        for first in range(start, end, step):
+            yield first, min(first + step, end), masked
+
+
+def _span_query_pieces(call: _Call, queries: _Layout, rows, k, v):
+    """Dense forward / dQ: every query tile over the keys it sees, all (batch, kv head) at once."""
+    k, v = k.flatten(0, 1), v.flatten(0, 1)  # (B * Hk, M, .)
+    row_count = queries.heads_per_item * queries.block
+    for tile in range(queries.n_blocks):
+        items = queries.first_items(tile).to(k.device)
+        first, stop = tile * queries.block, min((tile + 1) * queries.block, call.n)
+        span = geometry.visible_span(first, stop - 1, call.n, call.m, call.window)
+        tile_rows = [x[items] for x in rows]
+        for lo, hi, masked in _span_parts(span, max(1, _PIECE_ELEMENTS // (items.numel() * row_count))):
+            keep = None
+            if masked:
+                keep = geometry.visible(queries.positions(items[:1])[:, :, None],
+                                        torch.arange(lo, hi, device=k.device), call.n, call.m, call.window)
+            yield _Piece(items, tile_rows, [k[:, lo:hi], v[:, lo:hi]], keep)
+
+
+def _span_key_pieces(call: _Call, keys: _Layout, rows, key_rows):
+    """Dense dK/dV: every key tile over the query rows that see it (the query heads of its group).
+    `rows`: query-side tensors (B, Hq, N, .)."""
+    per_group = [x.unflatten(1, (call.n_kv_heads, call.group)).flatten(0, 1) for x in rows]  # (B*Hk, G, N, .)
+    for tile in range(keys.n_blocks):
+        items = keys.first_items(tile).to(rows[0].device)
+        first, stop = tile * keys.block, min((tile + 1) * keys.block, call.m)
+        span = geometry.query_span(first, stop - 1, call.n, call.m, call.window)
+        tile_keys = [x[items] for x in key_rows]
+        step = max(1, _PIECE_ELEMENTS // (items.numel() * call.group * keys.block))
+        for lo, hi, masked in _span_parts(span, step):
+            keep = None
+            if masked:
+                query_pos = torch.arange(lo, hi, device=items.device).repeat(call.group)
+                keep = geometry.visible(query_pos[None, :, None], keys.positions(items[:1])[:, None, :],
+                                        call.n, call.m, call.window)
+            yield _Piece(items, [x[:, :, lo:hi].flatten(1, 2) for x in per_group], tile_keys, keep)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The math of one piece
+# ---------------------------------------------------------------------------------------------------
+
+
+def _additive(keep: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """keep (P|1, Lq, Lk) bool -> (P|1, 1, Lq, Lk) additive mask (0 / -inf), as torch's kernel takes it."""
+    if keep is None:
+        return None
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, -math.inf)[:, None]
 
 
 def _scores(q, k, call: _Call):
@@ -211,166 +301,115 @@ def _scores(q, k, call: _Call):
     return s, None
 
 
-def _tile_rows(x: torch.Tensor, first: int, stop: int) -> torch.Tensor:
-    """Rows [first, stop) of a (B, Hq, N, ...) tensor."""
-    return x[:, :, first:stop]
+def _attend(q, k, v, keep, call: _Call):
+    """(o (P, Lq, Dv), lse (P, Lq)) of rows q (P, Lq, D) over keys k, v (P, Lk, .); lse -inf and o 0
+    for a row that sees no key."""
+    if call.fused:
+        o, lse = _FUSED_FWD(q[:, None], k[:, None], v[:, None], attn_mask=_additive(keep, q.dtype), scale=call.scale)
+        o, lse = o[:, 0], lse[:, 0]
+        if keep is not None:  # torch's kernel reports lse 0 for a row with no visible key
+            lse = lse.masked_fill(~keep.any(-1).expand_as(lse), -math.inf)
+        return o, lse
+    s, _ = _scores(q, k, call)
+    if keep is not None:
+        s = s.masked_fill(~keep, -math.inf)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.masked_fill(lse == -math.inf, 0.0)[..., None])
+    return torch.matmul(p, v), lse
+
+
+def _attend_backward(q, do, o, lse, delta, k, v, keep, call: _Call, fused: bool):
+    """(dq, dk, dv) of one piece. lse (P, Lq) is +inf for rows that saw no key (their p is 0); delta
+    (P, Lq) is rowsum(do * o) minus the gradient of lse (the fused kernel computes it from o, do)."""
+    if fused:
+        dq, dk, dv = _FUSED_BWD(do[:, None], q[:, None], k[:, None], v[:, None], o[:, None], lse[:, None], 0.0,
+                                False, attn_mask=_additive(keep, q.dtype), scale=call.scale)
+        return dq[:, 0], dk[:, 0], dv[:, 0]
+    s, tanh_s = _scores(q, k, call)
+    log_p = s - lse[..., None]
+    if keep is not None:
+        log_p = log_p.masked_fill(~keep, -math.inf)
+    p = torch.exp(log_p)
+    ds = p * (torch.matmul(do, v.transpose(-1, -2)) - delta[..., None])
+    if tanh_s is not None:
+        ds = ds * (1 - tanh_s * tanh_s)
+    dq = torch.matmul(ds, k) * call.scale
+    dk = torch.matmul(ds.transpose(-1, -2), q) * call.scale
+    return dq, dk, torch.matmul(p.transpose(-1, -2), do)
+
+
+def _merge(o_a, lse_a, o_b, lse_b):
+    """Join two partial results of the same rows by their logsumexp."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    safe = lse.masked_fill(lse == -math.inf, 0.0)
+    return o_a * torch.exp(lse_a - safe)[..., None] + o_b * torch.exp(lse_b - safe)[..., None], lse
+
+
+# ---------------------------------------------------------------------------------------------------
+# The passes
+# ---------------------------------------------------------------------------------------------------
+
+
+def _query_layouts(call: _Call, index):
+    if index is None:
+        return _layouts(call, twin_tile(), twin_tile(), 1)
+    return _layouts(call, index.block_q, index.block_k, _index_groups(index, call.group))
+
+
+def _query_pieces(call, index, queries, keys, rows, k, v):
+    if index is None:
+        return _span_query_pieces(call, queries, rows, k, v)
+    return _listed_query_pieces(call, index, queries, keys, rows, [keys.items(k), keys.items(v)])
 
 
 def flash_fwd(q, k, v, *, scale: float, window=(-1, -1), softcap: float = 0.0, index=None):
     """o (B, Hq, N, Dv) in q's dtype and lse (B, Hq, N) fp32. `index`: a SparseIndex or None (dense)."""
-    B, Hq, N, _ = q.shape
-    Hk, M, Dv = k.shape[1], k.shape[2], v.shape[-1]
-    call = _Call(N, M, Hk, Hq // Hk, tuple(window), scale, softcap, q.device)
-    acc_dtype = _accum_dtype(q.dtype)
-    kf, vf = k.to(acc_dtype), v.to(acc_dtype)
-    k_blocks = v_blocks = None
-    if index is not None:
-        k_blocks, v_blocks = _blocks(kf, index.block_k), _blocks(vf, index.block_k)
-    groups = _index_groups(index, call.group)
-    o = _new_output((B, Hq, N, Dv), q.dtype, q.device)
-    lse = _new_output((B, Hq, N), torch.float32, q.device)
-    for first, stop, row in _query_tiles(call, index):
-        q_tile = _fold(_tile_rows(q, first, stop), Hk, groups).to(acc_dtype)  # (B, Hk, groups, R, D)
-        row_max = torch.full(q_tile.shape[:-1], -math.inf, dtype=acc_dtype, device=q.device)
-        row_sum = torch.zeros_like(row_max)
-        acc = torch.zeros(*q_tile.shape[:-1], Dv, dtype=acc_dtype, device=q.device)
-        for kc, vc, keep in _key_chunks(call, index, row, first, stop, kf, vf, k_blocks, v_blocks):
-            s, _ = _scores(q_tile, kc, call)
-            if keep is not None:
-                s = s.masked_fill(~keep, -math.inf)
-            new_max = torch.maximum(row_max, s.amax(dim=-1))
-            safe_max = new_max.masked_fill(new_max == -math.inf, 0.0)  # rows with nothing visible yet
-            p = torch.exp(s - safe_max[..., None])
-            alpha = torch.exp(row_max - safe_max)
-            row_sum = row_sum * alpha + p.sum(dim=-1)
-            acc = acc * alpha[..., None] + torch.matmul(p, vc)
-            row_max = new_max
-        empty = row_sum == 0
-        out = acc / row_sum.masked_fill(empty, 1.0)[..., None]
-        tile_lse = (row_max + torch.log(row_sum.masked_fill(empty, 1.0))).masked_fill(empty, -math.inf)
-        o[:, :, first:stop] = _unfold(out, Hq).to(q.dtype)
-        lse[:, :, first:stop] = _unfold(tile_lse, Hq).float()
-    return o, lse
-
-
-# ---------------------------------------------------------------------------------------------------
-# Backward
-# ---------------------------------------------------------------------------------------------------
-
-
-def _probs(s, lse, keep):
-    """exp(s - lse) with masked pairs at 0; `lse` broadcast to s, +inf for rows that saw nothing."""
-    log_p = s - lse
-    if keep is not None:
-        log_p = log_p.masked_fill(~keep, -math.inf)
-    return torch.exp(log_p)
-
-
-def _row_stats(lse: torch.Tensor, delta: torch.Tensor, acc_dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """lse with +inf for rows that saw no key (so their p is 0), and delta, in the accumulation dtype."""
-    lse = lse.to(acc_dtype)
-    return lse.masked_fill(lse == -math.inf, math.inf), delta.to(acc_dtype)
-
-
-def _dq_pass(call: _Call, index, q, k, v, do, lse, delta, acc_dtype) -> torch.Tensor:
-    """dq (B, Hq, N, D): per query tile, dS k over the keys the forward visited."""
-    kf, vf = k.to(acc_dtype), v.to(acc_dtype)
-    k_blocks = v_blocks = None
-    if index is not None:
-        k_blocks, v_blocks = _blocks(kf, index.block_k), _blocks(vf, index.block_k)
-    Hq, Hk = q.shape[1], call.n_kv_heads
-    groups = _index_groups(index, call.group)
-    dq = _new_output(q.shape, q.dtype, q.device)
-    for first, stop, row in _query_tiles(call, index):
-        q_t, do_t, lse_t, delta_t = (_fold(_tile_rows(x, first, stop), Hk, groups).to(acc_dtype)
-                                     for x in (q, do, lse, delta))
-        dq_t = torch.zeros_like(q_t)
-        for kc, vc, keep in _key_chunks(call, index, row, first, stop, kf, vf, k_blocks, v_blocks):
-            s, tanh_s = _scores(q_t, kc, call)
-            p = _probs(s, lse_t[..., None], keep)
-            ds = p * (torch.matmul(do_t, vc.transpose(-1, -2)) - delta_t[..., None])
-            if tanh_s is not None:
-                ds = ds * (1 - tanh_s * tanh_s)
-            dq_t += torch.matmul(ds, kc)
-        dq[:, :, first:stop] = _unfold(dq_t * call.scale, Hq).to(q.dtype)
-    return dq
-
-
-def _key_tiles(call: _Call, index):
-    """(first, stop) keys of every key tile, and its row in the transposed index (None for dense)."""
-    tile = index.block_k if index is not None else twin_tile()
-    for row, first in enumerate(range(0, call.m, tile)):
-        yield first, min(first + tile, call.m), (row if index is not None else None)
-
-
-def _query_chunks(call: _Call, index, row, first: int, stop: int, per_head_rows, row_blocks):
-    """The query rows that see keys [first, stop), as (q, do, lse, delta rows (B, Hk, R, .)..., keep or
-    None), keep broadcastable to the transposed scores (B, Hk, stop - first, R).
-    `per_head_rows` are (q, do, lse, delta) in (B, Hk, G, N, .) layout, `row_blocks` the same cut into
-    query blocks (sparse calls)."""
-    key_pos = torch.arange(first, stop, device=call.device)[:, None]  # (T, 1)
-    if index is None:
-        lo, full_lo, full_hi, hi = geometry.query_span(first, stop - 1, call.n, call.m, call.window)
-        for start, end, masked in ((lo, full_lo, True), (full_lo, full_hi, False), (full_hi, hi, True)):
-            rows_per_chunk = max(1, _CHUNK // call.group)
-            for r0 in range(start, end, rows_per_chunk):
-                r1 = min(r0 + rows_per_chunk, end)
-                rows = [x[:, :, :, r0:r1].flatten(2, 3) for x in per_head_rows]  # (B, Hk, G * L, .)
-                keep = None
-                if masked:
-                    query_pos = torch.arange(r0, r1, device=call.device).repeat(call.group)[None, :]
-                    keep = geometry.visible(query_pos, key_pos, call.n, call.m, call.window)
-                yield (*rows, keep)
-        return
-    for kind, ids, valid in _listed(row, _row_lists(index, True), call.n_kv_heads, index.block_q):
-        ids = ids.expand(*ids.shape[:2], call.group, ids.shape[-1])  # (Bm, Hk|1, G, c)
-        valid = valid.expand_as(ids)
-        rows = [_gather(x, ids, valid).flatten(2, 3) for x in row_blocks]  # (B, Hk, G * c * block_q, .)
-        keep = valid.repeat_interleave(index.block_q, dim=-1).flatten(-2)[..., None, :]  # (Bm, Hk|1, 1, R)
-        if kind.masked:
-            query_pos = _slot_positions(ids, index.block_q).flatten(-2)[..., None, :]
-            keep = keep & geometry.visible(query_pos, key_pos, call.n, call.m, call.window)
-        yield (*rows, None if bool(keep.all()) else keep)
-
-
-def _dkdv_pass(call: _Call, index, q, k, v, do, lse, delta, acc_dtype):
-    """dk, dv (B, Hk, M, D|Dv): per key tile, over the query rows that saw it (the transposed lists);
-    the query heads of a group are rows of the same pass, so their gradients sum by construction."""
-    Hk = call.n_kv_heads
-    per_head = [_fold(x, Hk, call.group).to(acc_dtype) for x in (q, do, lse[..., None], delta[..., None])]
-    row_blocks = None
-    if index is not None:
-        row_blocks = [_blocks(x, index.block_q) for x in per_head]  # (B, Hk, G, nQB, block_q, .)
-    kf, vf = k.to(acc_dtype), v.to(acc_dtype)
-    dk = _new_output(k.shape, k.dtype, k.device)
-    dv = _new_output(v.shape, v.dtype, v.device)
-    for first, stop, row in _key_tiles(call, index):
-        k_t, v_t = kf[:, :, first:stop], vf[:, :, first:stop]  # (B, Hk, T, D|Dv)
-        dk_t, dv_t = torch.zeros_like(k_t), torch.zeros_like(v_t)
-        for q_r, do_r, lse_r, delta_r, keep in _query_chunks(call, index, row, first, stop, per_head, row_blocks):
-            s_t, tanh_s = _scores(k_t, q_r, call)  # (B, Hk, T, R)
-            p_t = _probs(s_t, lse_r[..., 0][..., None, :], keep)  # (B, Hk, T, R): per query row
-            dv_t += torch.matmul(p_t, do_r)
-            ds_t = p_t * (torch.matmul(v_t, do_r.transpose(-1, -2)) - delta_r[..., 0][..., None, :])
-            if tanh_s is not None:
-                ds_t = ds_t * (1 - tanh_s * tanh_s)
-            dk_t += torch.matmul(ds_t, q_r)
-        dk[:, :, first:stop] = (dk_t * call.scale).to(k.dtype)
-        dv[:, :, first:stop] = dv_t.to(v.dtype)
-    return dk, dv
+    call = _call(q, k, v, scale, window, softcap)
+    out_dtype, acc_dtype = q.dtype, _accum_dtype(q.dtype)
+    q, k, v = (x.to(acc_dtype) for x in (q, k, v))
+    queries, keys = _query_layouts(call, index)
+    q_items = queries.items(q)
+    o = q_items.new_zeros(q_items.shape[:-1] + (v.shape[-1],))
+    lse = q_items.new_full(q_items.shape[:-1], -math.inf)
+    for piece in _query_pieces(call, index, queries, keys, [q_items], k, v):
+        o_piece, lse_piece = _attend(*piece.rows, *piece.keys, piece.keep, call)
+        o[piece.items], lse[piece.items] = _merge(o[piece.items], lse[piece.items], o_piece, lse_piece)
+    return queries.tensor(o).to(out_dtype), queries.tensor(lse[..., None])[..., 0].float()
 
 
 def flash_bwd(do, q, k, v, o, lse, *, scale: float, window=(-1, -1), softcap: float = 0.0, index=None,
               dlse=None):
     """Gradients (dq, dk, dv) given do (and optionally dlse, the gradient of the returned lse),
-    recomputing probabilities from the saved lse. d lse / d s = p, so dlse enters as delta - dlse."""
-    Hq, Hk = q.shape[1], k.shape[1]
-    call = _Call(q.shape[2], k.shape[2], Hk, Hq // Hk, tuple(window), scale, softcap, q.device)
+    recomputing probabilities from the saved lse. d lse / d s = p, so dlse enters as delta - dlse.
+    dQ walks the forward's lists per query item, dK/dV the transposed lists per key item."""
+    call = _call(q, k, v, scale, window, softcap)
+    fused = call.fused and dlse is None
     acc_dtype = _accum_dtype(q.dtype)
-    delta = (do.to(acc_dtype) * o.to(acc_dtype)).sum(dim=-1)  # (B, Hq, N)
-    if dlse is not None:
-        delta = delta - dlse.to(acc_dtype)
-    lse_rows, delta = _row_stats(lse, delta, acc_dtype)
-    dq = _dq_pass(call, index, q, k, v, do, lse_rows, delta, acc_dtype)
-    dk, dv = _dkdv_pass(call, index, q, k, v, do, lse_rows, delta, acc_dtype)
-    return dq, dk, dv
+    dtypes = (q.dtype, k.dtype, v.dtype)
+    q, k, v, do, o = (x.to(acc_dtype) for x in (q, k, v, do, o))
+    lse = lse.to(acc_dtype).masked_fill(lse == -math.inf, math.inf)  # rows that saw nothing: p = 0
+    delta = (do * o).sum(dim=-1) - (0 if dlse is None else dlse.to(acc_dtype))
+    row_tensors = (q, do, o, lse[..., None], delta[..., None])
+    queries, keys = _query_layouts(call, index)
+
+    rows = [queries.items(x, pad=math.inf if i == 3 else 0.0) for i, x in enumerate(row_tensors)]
+    dq = torch.zeros_like(rows[0])
+    for piece in _query_pieces(call, index, queries, keys, rows, k, v):
+        dq[piece.items] += _piece_grads(piece, call, fused)[0]
+
+    key_rows = [keys.items(k), keys.items(v)]
+    dk, dv = torch.zeros_like(key_rows[0]), torch.zeros_like(key_rows[1])
+    if index is None:
+        key_pieces = _span_key_pieces(call, keys, list(row_tensors), key_rows)
+    else:
+        key_pieces = _listed_key_pieces(call, index, queries, keys, rows, key_rows)
+    for piece in key_pieces:
+        _, dk_piece, dv_piece = _piece_grads(piece, call, fused)
+        dk[piece.items] += dk_piece
+        dv[piece.items] += dv_piece
+    return queries.tensor(dq).to(dtypes[0]), keys.tensor(dk).to(dtypes[1]), keys.tensor(dv).to(dtypes[2])
+
+
+def _piece_grads(piece: _Piece, call: _Call, fused: bool):
+    q, do, o, lse, delta = piece.rows
+    return _attend_backward(q, do, o, lse[..., 0], delta[..., 0], *piece.keys, piece.keep, call, fused)
