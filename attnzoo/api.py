@@ -11,6 +11,7 @@ a float, `backend` resolved to the implementation that runs, every registry para
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -55,15 +56,39 @@ class Method:
         if causal is None:  # the method's natural default: non-causal where it can be, like SDPA
             causal = not info.supports.non_causal
         check_causal(causal, info=info)
+        autocast = _autocast_device(q)
+        if autocast is not None:
+            q, k, v = _autocast_inputs(q, k, v, autocast, info)
         check_qkv(q, k, v, info=info)
         scale = resolve_scale(scale, q.shape[-1])
         call = {**info.params, **self._bound, **self._split_keywords(kwargs)}
         resolved = resolve_backend(backend, q.device, info.supports.backends, info.name)
-        return self._fn(q, k, v, causal=causal, scale=scale, backend=resolved, **call)
+        # under autocast the method computes in the dtype it was given, as it would outside
+        with torch.autocast(autocast, enabled=False) if autocast else contextlib.nullcontext():
+            return self._fn(q, k, v, causal=causal, scale=scale, backend=resolved, **call)
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{k}={v!r}" for k, v in self._bound.items())
         return f"attnzoo.get({self.info.name!r}{', ' if shown else ''}{shown})"
+
+
+def _autocast_device(q) -> str | None:
+    """The device type of q when `torch.autocast` is enabled for it, else None."""
+    if not isinstance(q, torch.Tensor):
+        return None
+    try:
+        return q.device.type if torch.is_autocast_enabled(q.device.type) else None
+    except RuntimeError:  # a device type autocast does not know (e.g. meta)
+        return None
+
+
+def _autocast_inputs(q, k, v, device: str, info: MethodInfo):
+    """q, k, v in the autocast dtype of `device` (as SDPA takes them inside `torch.autocast`), where the
+    method supports that dtype; unchanged otherwise."""
+    dtype = torch.get_autocast_dtype(device)
+    if str(dtype).removeprefix("torch.") not in info.supports.dtypes:
+        return q, k, v
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in (q, k, v))
 
 
 def get(name: str, **params) -> Method:

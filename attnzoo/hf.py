@@ -14,18 +14,24 @@ How it works (see docs/patching.md):
 - Each patched attention module gets a `ZooLayer` submodule (`module.attnzoo`) that holds the bound
   method, its learned parts (if the method has any) and the decoding state. Modules without one (layers
   left out by `layers=`) run the original implementation.
-- Padding: the mask is reduced to per-key validity, checked to be exactly "padding (+ causal)", and each
-  padded batch row runs on its unpadded tokens alone; padded query rows output zeros.
+- Padding: the mask is reduced to per-key validity, checked to be exactly "padding (+ causal) (+ a sliding
+  window)", and each padded batch row runs on its unpadded tokens alone; padded query rows output zeros.
+- Keywords: everything the model passes to its attention function is honoured (sliding_window -> window_size,
+  softcap, position_bias -> bias, s_aux -> sinks), ignored as bookkeeping (BOOKKEEPING) or refused with an error
+  naming it and the layer (call_options); the module's own attention call is checked at patch time
+  (check_declared_keywords).
 
 transformers is imported lazily; it is needed only when a model is patched.
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import importlib
 import inspect
 import sys
+import textwrap
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, NamedTuple
 
@@ -37,6 +43,7 @@ from .registry import REGISTRY
 
 MIN_TRANSFORMERS = (4, 51)
 ATTR = "attnzoo"  # name of the ZooLayer submodule on a patched attention module
+NO_WINDOW = (geometry.UNBOUNDED, geometry.UNBOUNDED)
 _IMPL_NAMES = {"sdpa": "attnzoo", "eager": "attnzoo_eager"}  # original implementation -> registered name
 _MARK = "_attnzoo_original_attn_implementation"  # on the model: the implementation patch() replaced
 
@@ -120,7 +127,7 @@ def attention_layers(model: nn.Module) -> list[tuple[int, nn.Module]]:
     return [(m.layer_idx if isinstance(getattr(m, "layer_idx", None), int) else i, m) for i, m in enumerate(found)]
 
 
-def _select(model: nn.Module, layers: Iterable[int] | None) -> list[nn.Module]:
+def _select(model: nn.Module, layers: Iterable[int] | None) -> list[tuple[int, nn.Module]]:
     found = attention_layers(model)
     if not found:
         raise ValueError(
@@ -128,7 +135,7 @@ def _select(model: nn.Module, layers: Iterable[int] | None) -> list[nn.Module]:
             "attnzoo can only patch models that do"
         )
     if layers is None:
-        return [m for _, m in found]
+        return found
     if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
         raise TypeError(f"layers must be an iterable of ints (e.g. range(4, 32)) or None, got {type(layers).__name__}")
     wanted = list(layers)
@@ -139,7 +146,7 @@ def _select(model: nn.Module, layers: Iterable[int] | None) -> list[nn.Module]:
     if missing:
         raise ValueError(f"layers {missing} out of range: the model's attention layers are {known[0]}..{known[-1]}")
     wanted = set(wanted)
-    return [m for i, m in found if i in wanted]
+    return [(i, m) for i, m in found if i in wanted]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -153,6 +160,7 @@ class LayerShape(NamedTuple):
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    config: Any = None  # the layer's model config, for learned parts that follow the model (RoPE)
 
 
 class LayerInputs(NamedTuple):
@@ -185,7 +193,8 @@ _ADAPTERS: dict[str, Adapter] = {}
 _KNOWN_ADAPTERS = {
     "seerattention": (
         "attnzoo.methods.seerattention", "AttnGate",
-        lambda cls, s, p: cls(s.head_dim, s.num_heads, s.num_kv_heads, block_size=p["block_size"]),
+        lambda cls, s, p: cls(s.head_dim, s.num_heads, s.num_kv_heads, block_size=p["block_size"],
+                              rope=_rotary_embedding(s.config)),
         lambda gate, x: {"gate": gate},
     ),
     "gla": (
@@ -242,7 +251,21 @@ def _layer_shape(module: nn.Module) -> LayerShape:
         num_heads=heads,
         num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
         head_dim=head_dim or config.hidden_size // heads,
+        config=config,
     )
+
+
+def _rotary_embedding(config) -> nn.Module | None:
+    """The model's RoPE (theta and rope scaling from its config) as a cos/sin provider rotary(x,
+    position_ids), for SeerAttention's gate: a LlamaRotaryEmbedding on the layer's config (the model's
+    own for Llama-family configs). None where the config has no single RoPE for all layers (no RoPE,
+    or one per layer type as in Gemma 3)."""
+    rope = getattr(config, "rope_parameters", None)
+    if not isinstance(rope, dict) or "rope_type" not in rope:
+        return None
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    return LlamaRotaryEmbedding(config=config)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -252,10 +275,12 @@ def _layer_shape(module: nn.Module) -> LayerShape:
 class ZooLayer(nn.Module):
     """What patch() attaches to one attention module: the method, its learned parts, decoding state."""
 
-    def __init__(self, method: api.Method, *, backend: str, adapter: Adapter | None, shape: LayerShape):
+    def __init__(self, method: api.Method, *, backend: str, adapter: Adapter | None, shape: LayerShape,
+                 where: str):
         super().__init__()
         self.method = method
         self.backend = backend
+        self.where = where  # how errors name the layer (see _where)
         family = method.info.family
         self.dense_for_one_query = family == "sparse"  # a single decoding query has nothing to skip
         self.keeps_queries = family == "linear"  # decoding recomputes over the cached sequence
@@ -271,27 +296,68 @@ class ZooLayer(nn.Module):
         """Forward pre-hook on the attention module: keep its hidden states for the learned parts."""
         self.hidden = kwargs.get("hidden_states", args[0] if args else None)
 
-    def forward(self, q, k, v, mask, *, causal: bool, scale: float | None) -> torch.Tensor:
-        """q (B, Hq, N, D), k/v (B, Hk, M, D), HF's mask -> (B, Hq, N, Dv)."""
+    def forward(self, q, k, v, mask, *, causal: bool, scale: float | None, options: dict[str, Any]) -> torch.Tensor:
+        """q (B, Hq, N, D), k/v (B, Hk, M, D), HF's mask and the call options the model's keywords asked for
+        (`call_options`) -> (B, Hq, N, Dv)."""
         hidden, self.hidden = self.hidden, None
+        options = dict(options)
+        bias = options.pop("bias", None)  # (B|1, H|1, N|1, M): sliced with the queries and keys
+        if is_additive(mask):  # eager adds the mask to the scores: so does the method, as its bias
+            _check_carrier(self.method.name, "an additive attention_mask", HONOURED["position_bias"], self.where)
+            bias = mask if bias is None else bias + mask
+            mask, causal = None, False  # the mask holds the causal (and window) structure itself
+            options.pop("window_size", None)
         n, m = q.shape[2], k.shape[2]
-        if causal and mask is None and 1 < n < m:
-            # only a static cache's prefill gets here: sdpa would align top-left, so keys >= n are unused
-            k, v, m = k[:, :, :n], v[:, :, :n], n
-        if causal and mask is not None and n < m:
-            used = used_key_slots(mask, m)
-            if used < m:  # a pre-allocated (static) cache: the queries are the last slots in use
-                if used < n:
-                    raise NotImplementedError(f"the mask lets {n} queries see only {used} keys; not a KV cache layout")
-                k, v, mask, m = k[:, :, :used], v[:, :, :used], mask[..., :used], used
-        valid = key_validity(mask, n, m, causal=causal)
+        used = self._used_keys(mask, n, m, causal)
+        if used < m:
+            k, v, m = k[:, :, :used], v[:, :, :used], used
+            mask = mask[..., :used] if mask is not None else None
+            bias = bias[..., :used] if bias is not None else None
+        declared_window = options.pop("window_size", NO_WINDOW)
+        try:
+            valid, causal, window = mask_geometry(mask, n, m, causal=causal, window=declared_window)
+        except NotImplementedError as e:
+            raise NotImplementedError(f"{self.where}: {e}") from None
+        call = self._call(causal, scale, window, options)
         if causal and self.keeps_queries:
             q, hidden = self._with_history(q, k, hidden, m)
         if valid is None:
-            out = self._attend(q, k, v, hidden, causal, scale)
+            out = self._attend(q, k, v, hidden, bias, call)
         else:
-            out = self._attend_rows(q, k, v, hidden, valid, causal, scale)
+            out = self._attend_rows(q, k, v, hidden, bias, valid, call)
         return out[:, :, -n:]
+
+    @staticmethod
+    def _used_keys(mask, n: int, m: int, causal: bool) -> int:
+        """How many of the m key slots the queries use: fewer than m only for a pre-allocated (static) cache."""
+        if causal and mask is None and 1 < n < m:
+            return n  # only a static cache's prefill gets here: sdpa would align top-left, so keys >= n are unused
+        if not (causal and mask is not None and n < m):
+            return m
+        used = used_key_slots(mask, m)
+        if used < n:
+            raise NotImplementedError(f"the mask lets {n} queries see only {used} keys; not a KV cache layout")
+        return used  # the queries are the last slots in use
+
+    def _call(self, causal: bool, scale: float | None, window, options: dict[str, Any]) -> dict[str, Any]:
+        """The method's call keywords: the layer's window combined with one bound to the method
+        (`patch(..., window_size=...)`), the model's other options, softcap checked against a bound one."""
+        params = self.method.params
+        left, right = window
+        if "window_size" in params:
+            options["window_size"] = tighter_window(params["window_size"], window)
+        elif left >= 0 or (right >= 0 and not causal):
+            raise NotImplementedError(
+                f"{self.where} attends within a sliding window {tuple(window)}, which method {self.method.name!r} "
+                "cannot apply (it has no window_size): patch with 'dense'"
+            )
+        bound_softcap = params.get("softcap")
+        if options.get("softcap") and bound_softcap and bound_softcap != options["softcap"]:
+            raise ValueError(
+                f"softcap={bound_softcap} was bound to {self.method.name!r}, but {self.where} applies softcap "
+                f"{options['softcap']}; patch without softcap to keep the model's"
+            )
+        return {"causal": causal, "scale": scale, **options}
 
     def _with_history(self, q, k, hidden, m: int):
         """Linear methods recompute over the whole cached sequence: prepend the queries seen before.
@@ -316,51 +382,103 @@ class ZooLayer(nn.Module):
             self.history = (q.detach(), hidden.detach() if hidden is not None else None, k[:, :, [0, -1]].detach())
         return q, hidden
 
-    def _attend_rows(self, q, k, v, hidden, valid, causal: bool, scale):
+    def _attend_rows(self, q, k, v, hidden, bias, valid, call: dict[str, Any]):
         """One batch row at a time on its valid tokens. Queries are the last n of the m key positions
         (self-attention, with or without a cache), and those at padded positions output zeros; only
         non-causal cross-attention (n != m) keeps every query."""
         n, m = q.shape[2], k.shape[2]
-        self_attention = causal or n == m
+        self_attention = call["causal"] or n == m
+        left, right = call.get("window_size", NO_WINDOW)
+        windowed = left >= 0 or (right >= 0 and not call["causal"])  # a causal right side is the diagonal anyway
         out = q.new_zeros(*q.shape[:3], v.shape[-1])
         for b in range(q.shape[0]):
             keys = valid[b].nonzero().squeeze(1)
             queries = valid[b, m - n:].nonzero().squeeze(1) if self_attention else torch.arange(n, device=q.device)
             if keys.numel() == 0 or queries.numel() == 0:
                 continue
+            if windowed and int(keys[-1] - keys[0]) + 1 != keys.numel():
+                raise NotImplementedError(
+                    f"{self.where}: batch row {b} has padding between its tokens, which would shift its sliding "
+                    "window; pad on one side only (left padding for generation)"
+                )
             row_hidden = hidden[b : b + 1, queries] if hidden is not None else None
             out[b : b + 1, :, queries] = self._attend(
-                q[b : b + 1, :, queries], k[b : b + 1, :, keys], v[b : b + 1, :, keys], row_hidden, causal, scale
+                q[b : b + 1, :, queries], k[b : b + 1, :, keys], v[b : b + 1, :, keys], row_hidden,
+                _row_bias(bias, b, queries, keys), call,
             )
         return out
 
-    def _attend(self, q, k, v, hidden, causal: bool, scale):
+    def _attend(self, q, k, v, hidden, bias, call: dict[str, Any]):
         fn = api.get("dense") if self.dense_for_one_query and q.shape[2] == 1 else self.method
         if q.shape[1] != k.shape[1] and not fn.info.supports.gqa:
             groups = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        inputs = {}
+        inputs = {} if bias is None else {"bias": bias}
         if fn is self.method and self.adapter is not None:
-            inputs = self.adapter_inputs(self.adapter, LayerInputs(q, k, v, hidden))
-        return fn(q, k, v, causal=causal, scale=scale, backend=self.backend, **inputs)
+            inputs.update(self.adapter_inputs(self.adapter, LayerInputs(q, k, v, hidden)))
+        try:
+            return fn(q, k, v, backend=self.backend, **call, **inputs)
+        except (TypeError, ValueError, NotImplementedError) as e:  # what the method cannot do in this layer
+            raise type(e)(f"{self.where}: {e}") from e
+
+
+def _row_bias(bias: torch.Tensor | None, b: int, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor | None:
+    """Batch row b of a (B|1, H|1, N|1, M|1) bias, at the given query and key positions (broadcast dims kept)."""
+    if bias is None:
+        return None
+    row = bias[b if bias.shape[0] > 1 else 0][None]
+    row = row[:, :, queries] if row.shape[2] > 1 else row
+    return row[..., keys] if row.shape[3] > 1 else row
+
+
+def tighter_window(a, b) -> tuple[int, int]:
+    """The intersection of two (left, right) windows, -1 = unbounded side."""
+    return tuple(int(y) if x < 0 else int(x) if y < 0 else int(min(x, y)) for x, y in zip(a, b))
 
 
 def used_key_slots(mask: torch.Tensor, m: int) -> int:
     """How many of the m key slots are in use: a pre-allocated (static) KV cache hands over all its
     slots, and those past the last key any query may attend are empty."""
-    attend = mask[..., :m]
-    attend = attend if attend.dtype == torch.bool else _float_mask_to_bool(attend)
-    seen = attend.any(dim=2).any(dim=1).any(dim=0).nonzero()
+    seen = _attended(mask[..., :m]).any(dim=2).any(dim=1).any(dim=0).nonzero()
     return int(seen.max()) + 1 if seen.numel() else m
 
 
-def key_validity(mask, n: int, m: int, *, causal: bool) -> torch.Tensor | None:
+def mask_geometry(mask, n: int, m: int, *, causal: bool, window=NO_WINDOW):
+    """(valid, causal, window) of the attention `mask` asks for, valid as in `key_validity`.
+
+    The layer's own (causal, window) when the mask is padding over them; otherwise the band the mask itself
+    draws (a model that applies its sliding window through the mask alone, a module that does not say whether
+    it is causal), verified to be exactly that band over padding. Anything else raises."""
+    try:
+        return key_validity(mask, n, m, causal=causal, window=window), causal, window
+    except NotImplementedError:
+        if mask is None or mask.dim() != 4:
+            raise
+        causal, window = _drawn_band(mask[..., :m], n, m)
+        return key_validity(mask, n, m, causal=causal, window=window), causal, window
+
+
+def _drawn_band(mask: torch.Tensor, n: int, m: int) -> tuple[bool, tuple[int, int]]:
+    """(causal, (left, right)): the narrowest window (geometry's convention) holding every pair the mask attends."""
+    attend = (mask if mask.dtype == torch.bool else _float_mask_to_bool(mask)).any(dim=1).any(dim=0).expand(n, m)
+    rows, cols = torch.arange(n, device=mask.device)[:, None], torch.arange(m, device=mask.device)[None, :]
+    offsets = (cols - rows - (m - n))[attend]
+    if offsets.numel() == 0:
+        return False, NO_WINDOW
+    left, right = -int(offsets.min()), int(offsets.max())
+    if left < 0 or right < 0:  # the diagonal outside the band: no window draws that
+        return False, NO_WINDOW
+    causal = right == 0 and n > 1
+    return causal, (left if left < m - 1 else -1, right if right < n - 1 and not causal else -1)
+
+
+def key_validity(mask, n: int, m: int, *, causal: bool, window=NO_WINDOW) -> torch.Tensor | None:
     """(B, M) bool, True where a key may be attended, or None when every key may be.
 
     `mask` is what transformers passes to the attention function: None, a bool (B, 1|H, N, M') mask
     (True = attend) or an eager-style float mask (0 = attend, dtype-min = not). Anything that is not
-    "key padding (+ bottom-right causal)" raises: sliding windows, packed sequences and custom masks would
-    otherwise be silently ignored."""
+    "key padding (+ bottom-right causal) (+ the layer's `window`, (left, right) as in `geometry`)" raises:
+    other windows, packed sequences and custom masks would otherwise be silently ignored."""
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
@@ -371,17 +489,28 @@ def key_validity(mask, n: int, m: int, *, causal: bool) -> torch.Tensor | None:
     mask = mask[..., :m]
     attend = mask if mask.dtype == torch.bool else _float_mask_to_bool(mask)
     valid = attend.any(dim=2).any(dim=1)
-    expected = valid[:, None, None, :]
-    if causal:
-        rows, cols = torch.arange(n, device=mask.device)[:, None], torch.arange(m, device=mask.device)[None, :]
-        expected = expected & geometry.visible(rows, cols, n, m, geometry.causal_window(True))
+    rows, cols = torch.arange(n, device=mask.device)[:, None], torch.arange(m, device=mask.device)[None, :]
+    expected = valid[:, None, None, :] & geometry.visible(rows, cols, n, m, geometry.causal_window(causal, window))
     rows_seen = attend.any(dim=-1, keepdim=True)  # fully masked rows are padded queries
     if not ((attend == expected) | ~rows_seen).all():
         raise NotImplementedError(
-            "the attention mask is not a padding mask (+ causal): attnzoo methods take per-key padding only, "
-            "so sliding-window, packed-sequence and custom 4D masks are not supported"
+            f"the attention mask is not a padding mask (+ causal, + window {tuple(window)}): attnzoo methods take "
+            "per-key padding over a causal or sliding-window band only, so packed-sequence and other custom 4D "
+            "masks are not supported"
         )
     return None if valid.all() else valid
+
+
+def _attended(mask: torch.Tensor) -> torch.Tensor:
+    """Bool, True where a bool mask or an eager-style float mask (additive values included) lets a query attend."""
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+
+
+def is_additive(mask) -> bool:
+    """True for a float mask with values other than 0 (attend) and dtype-min (not): an additive bias."""
+    return isinstance(mask, torch.Tensor) and mask.is_floating_point() and bool(
+        ((mask != 0) & _attended(mask)).any()
+    )
 
 
 def _float_mask_to_bool(mask: torch.Tensor) -> torch.Tensor:
@@ -403,30 +532,180 @@ def _make_forward(original: str) -> Callable:
             return _original_function(original, module)(
                 module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
             )
-        _check_kwargs(layer.method, dropout, kwargs, key.shape[2])
-        causal = kwargs.get("is_causal")
+        causal = kwargs.pop("is_causal", None)
         causal = getattr(module, "is_causal", True) if causal is None else bool(causal)
-        out = layer(query, key, value, attention_mask, causal=causal, scale=scaling)
+        options = call_options(layer.method, {"dropout": dropout, **kwargs}, layer.where)
+        out = layer(query, key, value, attention_mask, causal=causal, scale=scaling, options=options)
+        if original == "eager" and attention_mask is not None and "sinks" not in options:
+            out = as_eager_for_blind_queries(out, attention_mask, value)
         return out.transpose(1, 2).contiguous(), None
 
     return attnzoo_attention
 
 
-def _check_kwargs(method: api.Method, dropout: float, kwargs: dict, m: int) -> None:
-    """Refuse what the model asks for and the method cannot do, instead of ignoring it."""
-    if dropout:
-        raise ValueError(
-            f"attention dropout {dropout} is not supported by attnzoo methods: call model.eval() "
-            "or set the model's attention dropout to 0"
-        )
-    window = kwargs.get("sliding_window")
-    if window is not None and m > window:
-        raise NotImplementedError(f"sliding-window attention (window {window}) is not supported by attnzoo patching")
-    for name in ("softcap", "s_aux"):
-        if kwargs.get(name) is not None:
+def as_eager_for_blind_queries(out: torch.Tensor, mask: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """`out` with the queries that see no key (left padding) set to what eager attention gives them: the
+    softmax of equal logits (each score plus the dtype minimum), i.e. the mean of all values. Later layers that
+    read padded positions (recurrent ones in hybrid models) then see what they would unpatched. (sdpa gives
+    such queries zeros, as patching does; with attention sinks eager gives zeros too: the sink takes the row.)"""
+    blind = ~_attended(mask[..., : v.shape[2]]).any(dim=-1, keepdim=True)  # (B, 1|H, N, 1)
+    if not blind.any():
+        return out
+    mean = v.mean(dim=2, keepdim=True).repeat_interleave(out.shape[1] // v.shape[1], dim=1)  # (B, Hq, 1, Dv)
+    return torch.where(blind, mean.to(out.dtype), out)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the attention function's keywords: each one is honoured, ignored as bookkeeping, or refused
+
+# Keywords that cannot change the attention output: ignored (docs/patching.md lists them).
+BOOKKEEPING = frozenset({
+    "position_ids",  # positions are already in q and k; packed sequences show in the mask, which is checked
+    "cache_position", "use_cache", "past_key_values", "past_key_value", "cache",  # k and v are already updated
+    "output_hidden_states", "output_router_logits", "return_dict", "num_items_in_batch",
+    "deterministic",  # flash-attn's deterministic backward
+    "encoder_hidden_states", "encoder_attention_mask",  # already in k, v and the mask of a cross-attention
+})
+
+_PACKED = "packed sequences are not supported: pass a padded batch with an attention_mask instead"
+
+# Keywords harmless only when off (None, 0, False): any other value is refused, with what to do instead.
+MUST_BE_OFF = {
+    "dropout": "call model.eval() or set the model's attention dropout to 0",
+    "output_attentions": "attnzoo methods return no attention weights; unpatch the model to get them",
+    "cu_seq_lens_q": _PACKED, "cu_seq_lens_k": _PACKED, "max_length_q": _PACKED, "max_length_k": _PACKED,
+    "seq_idx": _PACKED,
+}
+
+
+class Honoured(NamedTuple):
+    """A keyword patching passes on: the method parameter or input that takes it, value -> call options, and
+    the methods known to give that carrier the model's meaning (None: any method that has it)."""
+
+    carrier: str
+    options: Callable[[Any], dict[str, Any]]
+    methods: tuple[str, ...] | None = None
+
+
+def _sliding_window(size) -> dict[str, Any]:
+    # transformers' sliding_window=W: a causal query sees the last W keys, itself included; a bidirectional
+    # one the keys less than W away (its flash path passes window_size=(W - 1, W - 1) as well)
+    return {"window_size": (int(size) - 1, int(size) - 1)}
+
+
+HONOURED = {
+    "sliding_window": Honoured("window_size", _sliding_window),
+    "softcap": Honoured("softcap", lambda cap: {"softcap": float(cap)}),
+    # T5 family: an exact additive (B|1, H, N, M) bias (flashbias's `bias` is factored to a rank: not exact)
+    "position_bias": Honoured("bias", lambda bias: {"bias": bias}, ("dense",)),
+    # gpt-oss: one sink logit per query head, exp(s) joins each row's softmax denominator
+    "s_aux": Honoured("sinks", lambda sinks: {"sinks": sinks}, ("dense",)),
+    "sinks": Honoured("sinks", lambda sinks: {"sinks": sinks}, ("dense",)),
+}
+
+AT_FORWARD = object()  # a keyword's value that is known only when the model runs (see check_declared_keywords)
+
+
+def call_options(method: api.Method, kwargs: dict[str, Any], where: str) -> dict[str, Any]:
+    """The method's call options for the keywords a model passes to its attention function; raises for any
+    keyword the method cannot honour, naming it and the layer (`where`)."""
+    options = {}
+    for name, value in kwargs.items():
+        if name in BOOKKEEPING:
+            continue
+        if name in MUST_BE_OFF:
+            if value is not AT_FORWARD and _is_on(value):
+                raise ValueError(f"{where} passes {name}={_show(value)} to its attention: {MUST_BE_OFF[name]}")
+            continue
+        if name not in HONOURED:
             raise NotImplementedError(
-                f"the model asks {method.name!r} for {name}={kwargs[name]!r}, which patching does not pass on"
+                f"{where} passes {name}={_show(value)} to its attention, an argument attnzoo patching does not "
+                "know: refused, since ignoring it may change the result"
             )
+        if _is_on(value):
+            _check_carrier(method.name, name, HONOURED[name], where)
+            if value is not AT_FORWARD:
+                options.update(HONOURED[name].options(value))
+    return options
+
+
+def _carries(method: str, keyword: Honoured) -> bool:
+    info = REGISTRY.info(method)
+    fits = keyword.methods is None or method in keyword.methods
+    return fits and (keyword.carrier in info.params or keyword.carrier in info.inputs)
+
+
+def _check_carrier(method: str, name: str, keyword: Honoured, where: str) -> None:
+    if _carries(method, keyword):
+        return
+    takers = [m for m in REGISTRY.names() if _carries(m, keyword)]
+    instead = f"patch with {' or '.join(map(repr, takers))}" if takers else "no attnzoo method takes it yet"
+    raise NotImplementedError(
+        f"{where} passes {name} to its attention, but method {method!r} has no {keyword.carrier!r} that honours "
+        f"it: {instead}"
+    )
+
+
+def _is_on(value) -> bool:
+    """False for a keyword left off (None, 0, False), True otherwise (AT_FORWARD included)."""
+    return value is not None and not (isinstance(value, (bool, int, float)) and value == 0)
+
+
+def _show(value) -> str:
+    if value is AT_FORWARD:
+        return "(a value computed at each forward)"
+    return f"(a tensor of shape {tuple(value.shape)})" if isinstance(value, torch.Tensor) else repr(value)
+
+
+# keywords the zoo forward takes itself (as positionals or is_causal)
+_WRAPPER_ARGUMENTS = frozenset({"query", "key", "value", "attention_mask", "scaling", "is_causal"})
+_DECLARED: dict[type, dict[str, ast.expr]] = {}
+
+
+def check_declared_keywords(method: api.Method, module: nn.Module, where: str) -> None:
+    """At patch time, refuse what the module's own attention call (in its forward's source) will pass and the
+    method cannot honour: values that read only the module's attributes (`sliding_window=self.sliding_window`,
+    `softcap=self.config.attn_logit_softcapping`) are checked as they are now; the others (T5's
+    `position_bias=position_bias`) by whether the method could take them at all."""
+    for name, expr in _declared_keywords(type(module)).items():
+        if name not in _WRAPPER_ARGUMENTS:
+            call_options(method, {name: _static_value(expr, module)}, where)
+
+
+def _declared_keywords(cls: type) -> dict[str, ast.expr]:
+    """Keyword -> value expression, for the `attention_interface(...)` call in cls.forward."""
+    if cls not in _DECLARED:
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
+        except (OSError, TypeError, SyntaxError):
+            tree = ast.Module(body=[], type_ignores=[])
+        _DECLARED[cls] = {
+            keyword.arg: keyword.value
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "attention_interface"
+            for keyword in node.keywords
+            if keyword.arg is not None
+        }
+    return _DECLARED[cls]
+
+
+def _static_value(expr: ast.expr, module: nn.Module):
+    """The value of `expr` if it reads only constants and the module's attributes (`self.a.b`,
+    `getattr(self.a, "b", default)`), else AT_FORWARD."""
+    if isinstance(expr, ast.Constant):
+        return expr.value
+    if isinstance(expr, ast.Name) and expr.id == "self":
+        return module
+    if isinstance(expr, ast.Attribute):
+        owner = _static_value(expr.value, module)
+        return AT_FORWARD if owner is AT_FORWARD else getattr(owner, expr.attr, AT_FORWARD)
+    if isinstance(expr, ast.Call) and isinstance(expr.func, ast.Name) and expr.func.id == "getattr" \
+            and len(expr.args) in (2, 3) and not expr.keywords:
+        values = [_static_value(arg, module) for arg in expr.args]
+        if any(value is AT_FORWARD for value in values) or not isinstance(values[1], str):
+            return AT_FORWARD
+        return getattr(values[0], values[1], *values[2:])
+    return AT_FORWARD
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -454,19 +733,20 @@ def patch(model: nn.Module, method: str, *, layers: Iterable[int] | None = None,
             "call model.set_attn_implementation('sdpa') first"
         )
     bound = api.get(method, **params)
-    modules = _select(model, layers)
+    selected = [(module, _where(model, index, module)) for index, module in _select(model, layers)]
     adapter = adapter_for(method)
-    for module in modules:
+    for module, where in selected:
         if getattr(module, "is_causal", True) and not bound.info.supports.causal:
-            raise ValueError(f"method {method!r} is non-causal only, but {type(module).__name__} is causal")
+            raise ValueError(f"method {method!r} is non-causal only, but {where} is causal")
         if not getattr(module, "is_causal", True) and not bound.info.supports.non_causal:
-            raise ValueError(f"method {method!r} is causal only, but {type(module).__name__} is not causal")
+            raise ValueError(f"method {method!r} is causal only, but {where} is not causal")
+        check_declared_keywords(bound, module, where)
     name = _IMPL_NAMES[original]
     _register_impl(name, original)
     setattr(model, _MARK, original)
     try:
-        for module in modules:
-            _attach(module, bound, backend, adapter)
+        for module, where in selected:
+            _attach(module, bound, backend, adapter, where)
         _set_impl(model, name)
     except Exception:
         unpatch(model)
@@ -474,8 +754,14 @@ def patch(model: nn.Module, method: str, *, layers: Iterable[int] | None = None,
     return model
 
 
-def _attach(module: nn.Module, method: api.Method, backend: str, adapter: Adapter | None) -> None:
-    layer = ZooLayer(method, backend=backend, adapter=adapter, shape=_layer_shape(module)).train(module.training)
+def _where(model: nn.Module, index: int, module: nn.Module) -> str:
+    """How errors name a layer: model type, layer index, attention class."""
+    return f"{getattr(model.config, 'model_type', type(model).__name__)} layer {index} ({type(module).__name__})"
+
+
+def _attach(module: nn.Module, method: api.Method, backend: str, adapter: Adapter | None, where: str) -> None:
+    layer = ZooLayer(method, backend=backend, adapter=adapter, shape=_layer_shape(module), where=where)
+    layer.train(module.training)
     reference = next(module.parameters(), None)
     if reference is not None:
         layer.to(device=reference.device, dtype=reference.dtype)

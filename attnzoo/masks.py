@@ -50,12 +50,14 @@ def _check_positive_int(name: str, value, minimum: int = 1) -> int:
 
 def local_strided(n: int, m: int, block_size: int = 64, *, local_blocks: int = 16, vert_stride: int = 8,
                   heads: int = 1, causal: bool = True, homo_head: bool = False, num_dense_heads: int = 0,
-                  head_sliding_offset: int = 0, device=None) -> BlockMask:
+                  head_sliding_offset: int = 0, head_sliding_step: int | None = None, device=None) -> BlockMask:
     """S2-Attention's local + vertical-stride pattern, one per head: (1, heads, nQB, nKB).
 
     With query block i's diagonal key block d(i) (`diagonal_key_block`; d(i) = i when N = M):
     causal: key block j is kept for head h iff j <= d(i) and (d(i) - j < local_blocks or
-    (j + h * step + head_sliding_offset) % vert_stride == 0), step = max(1, vert_stride // heads).
+    (j + h * step + head_sliding_offset) % vert_stride == 0), step = `head_sliding_step`, by default
+    max(1, vert_stride // heads) (dkernel's default, whose `num_heads` counts query heads: S2 passes
+    its own step when the pattern's heads are kv heads).
     Non-causal: kept iff |d(i) - j| < local_blocks, or the distance outside that band,
     max(0, d(i) - j - local_blocks + 1) + max(0, j - d(i) - local_blocks + 1), is a multiple of
     vert_stride (the same for every head). The last `num_dense_heads` heads keep every (causal)
@@ -72,6 +74,8 @@ def local_strided(n: int, m: int, block_size: int = 64, *, local_blocks: int = 1
                          f"{num_dense_heads} dense heads")
     if isinstance(head_sliding_offset, bool) or not isinstance(head_sliding_offset, int):
         raise TypeError(f"head_sliding_offset must be an int, got {head_sliding_offset!r}")
+    step = max(1, vert_stride // heads) if head_sliding_step is None else head_sliding_step
+    _check_positive_int("head_sliding_step", step, minimum=0)
     block_q, block_k = _as_pair(block_size)
     diag = diagonal_key_block(n, m, block_q, block_k, device=device)[:, None]  # (nQB, 1)
     key = torch.arange(-(-m // block_k), device=device)[None, :]  # (1, nKB)
@@ -79,7 +83,6 @@ def local_strided(n: int, m: int, block_size: int = 64, *, local_blocks: int = 1
     if homo_head:
         head = torch.zeros_like(head)
     if causal:
-        step = max(1, vert_stride // heads)
         strided = (key + head * step + head_sliding_offset) % vert_stride == 0
         sparse = (key <= diag) & ((diag - key < local_blocks) | strided)
         dense = (key <= diag).expand_as(sparse)

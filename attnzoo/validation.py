@@ -103,6 +103,38 @@ def check_softcap(softcap) -> float:
     return float(softcap)
 
 
+def check_bias(bias, q: torch.Tensor, m: int) -> None:
+    """An additive attention bias: a float tensor of at most 4 dims broadcastable to (B, Hq, N, M),
+    in float32 or q's dtype, on q's device, without NaN (-inf is allowed: it masks a pair)."""
+    B, Hq, N = q.shape[:3]
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a torch.Tensor broadcastable to (B, Hq, N, M), got {type(bias).__name__}")
+    target = (B, Hq, N, m)
+    fits = bias.dim() <= 4 and all(got in (1, want) for got, want in zip(reversed(bias.shape), reversed(target)))
+    if not fits:
+        raise ValueError(f"bias has shape {tuple(bias.shape)}; expected a shape broadcastable to (B, Hq, N, M) = "
+                         f"{target}")
+    if bias.dtype not in (torch.float32, q.dtype):
+        raise TypeError(f"bias has dtype {bias.dtype}; expected torch.float32 or q's dtype {q.dtype}")
+    if bias.device != q.device:
+        raise ValueError(f"bias must be on {q.device}, got {bias.device}")
+    if bias.device.type != "meta" and bool(torch.isnan(bias).any()):
+        raise ValueError("bias contains NaN (use -inf to mask a pair)")
+
+
+def check_sinks(sinks, q: torch.Tensor) -> None:
+    """Per-head sink logits: a finite float tensor (Hq,) on q's device."""
+    if not isinstance(sinks, torch.Tensor):
+        raise TypeError(f"sinks must be a torch.Tensor of shape (Hq,) = ({q.shape[1]},), got {type(sinks).__name__}")
+    if tuple(sinks.shape) != (q.shape[1],) or not sinks.is_floating_point():
+        raise ValueError(f"sinks has shape {tuple(sinks.shape)} and dtype {sinks.dtype}; expected a float tensor "
+                         f"of shape (Hq,) = ({q.shape[1]},)")
+    if sinks.device != q.device:
+        raise ValueError(f"sinks must be on {q.device}, got {sinks.device}")
+    if sinks.device.type != "meta" and not bool(torch.isfinite(sinks).all()):
+        raise ValueError("sinks must be finite")
+
+
 def check_tensor(name: str, t, *, shape: tuple, like: torch.Tensor, dtype=None) -> None:
     """Check an extra input tensor: `shape` entries may be an int, a tuple of allowed ints, or None (any)."""
     if not isinstance(t, torch.Tensor):

@@ -92,7 +92,9 @@ def flash_job(kind: str, arch: int, head_dim: int, variant: str, cfg: tuple, dty
     bm, bn, warps, stages = cfg
     pointers = {t: {"LSE": "*fp32", "DELTA": "*fp32"}.get(t, dtype) for t in tensors}
     pointers.update({t: ("*i32" if sparse else None) for t in SPARSE_POINTERS if t in fn.arg_names})
-    constexprs = dict(HAS_LEFT=False, HAS_RIGHT=causal, HAS_SOFTCAP=False, SPARSE_Q=128 if sparse else 0,
+    pointers.update(BIAS=None, DBIAS=None)  # the reported variants have no bias
+    constexprs = dict(HAS_LEFT=False, HAS_RIGHT=causal, HAS_SOFTCAP=False, HAS_BIAS=False, BIAS_GRAD=False,
+                      SPARSE_Q=128 if sparse else 0,
                       SPARSE_K=128 if sparse else 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=head_dim, BLOCK_DV=head_dim,
                       PRECISION="ieee" if dtype == "*fp32" else "tf32", TMA=kind == "fwd_tma")
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}

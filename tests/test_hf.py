@@ -175,13 +175,43 @@ def test_padding_matches_unpatched_model():
 
 
 def test_non_padding_mask_is_refused():
-    """A 4D mask that is not key padding (here: sliding window) must raise, never be reduced silently."""
+    """A 4D mask that is neither padding nor a window band (here: two packed sequences) raises, never reduced."""
     model = llama()
     ids = tokens(1, 8)
-    window = torch.ones(8, 8, dtype=torch.bool).tril() & ~torch.ones(8, 8, dtype=torch.bool).tril(-3)
+    packed = torch.zeros(8, 8, dtype=torch.bool)
+    packed[:4, :4] = packed[4:, 4:] = True
     with hf.patched(model, method_or_skip("dense"), **TORCH):
-        with pytest.raises(NotImplementedError, match="not a padding mask"):
-            model(input_ids=ids, attention_mask=window[None, None])
+        with pytest.raises(NotImplementedError, match="llama layer 0 .*not a padding mask"):
+            model(input_ids=ids, attention_mask=(packed & torch.ones(8, 8, dtype=torch.bool).tril())[None, None])
+
+
+def test_window_band_mask_is_honoured():
+    """A 4D mask that draws a sliding window (a model that windows through its mask alone) runs as that window."""
+    model = llama()
+    ids = tokens(1, 8)
+    band = (torch.ones(8, 8, dtype=torch.bool).tril() & ~torch.ones(8, 8, dtype=torch.bool).tril(-3))[None, None]
+    want = model(input_ids=ids, attention_mask=band).logits
+    with hf.patched(model, method_or_skip("dense"), **TORCH):
+        assert_close(model(input_ids=ids, attention_mask=band).logits, want)
+    assert hf.mask_geometry(band, 8, 8, causal=True) == (None, True, (2, -1))
+    assert hf.mask_geometry(band.tril(1) | band.transpose(-1, -2), 8, 8, causal=True) == (None, False, (2, 2))
+
+
+def test_additive_mask_runs_as_dense_bias():
+    """An eager-style float mask with values besides 0 and dtype-min (Doge's dynamic mask, a user's ALiBi) is
+    added to the scores by eager attention: dense takes it as its bias; methods without one refuse it."""
+    model = llama(eager=True)
+    ids = tokens(2, 10)
+    distance = torch.arange(10)[:, None] - torch.arange(10)[None, :]
+    additive = torch.where(distance >= 0, -0.3 * distance.float(), torch.finfo(torch.float32).min)
+    additive = additive.expand(2, 1, 10, 10).clone()
+    additive[1, ..., :3] = torch.finfo(torch.float32).min  # and left padding
+    want = model(input_ids=ids, attention_mask=additive).logits
+    with hf.patched(model, method_or_skip("dense"), **TORCH):
+        assert_close(model(input_ids=ids, attention_mask=additive).logits[:, 3:], want[:, 3:])
+    with hf.patched(model, method_or_skip("xattention"), **TORCH):
+        with pytest.raises(NotImplementedError, match="llama layer 0 .*additive attention_mask.*patch with 'dense'"):
+            model(input_ids=ids, attention_mask=additive)
 
 
 def test_key_validity():
@@ -448,17 +478,229 @@ def test_public_exports():
     assert (attnzoo.patch, attnzoo.unpatch, attnzoo.patched) == (hf.patch, hf.unpatch, hf.patched)
 
 
-def test_sliding_window_model_is_refused_beyond_its_window():
+# ---------------------------------------------------------------------------------------------------
+# sliding windows and softcap
+
+
+def windowed(name: str, layer_types=("sliding_attention", "full_attention")):
+    """Tiny models whose window (5) the test sequences pass: every layer (mistral), local/global layers with
+    softcap (gemma2), local/global layers (gemma3_text, qwen2 with sliding window from its second layer)."""
     torch.manual_seed(0)
-    config = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                        num_attention_heads=4, num_key_value_heads=2, sliding_window=6)
-    model = transformers.MistralForCausalLM(config).eval()
-    ids = tokens(1, 6)
-    want = run(model, ids)
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, sliding_window=5, pad_token_id=0, attn_implementation="eager")
+    if name == "mistral":
+        return transformers.MistralForCausalLM(transformers.MistralConfig(**common)).eval()
+    if name == "qwen2":
+        config = transformers.Qwen2Config(**common, use_sliding_window=True, max_window_layers=1)
+        return transformers.Qwen2ForCausalLM(config).eval()
+    layers = dict(layer_types=list(layer_types))
+    if name == "gemma2":
+        config = transformers.Gemma2Config(**common, **layers, attn_logit_softcapping=1.0, initializer_range=0.2)
+        return transformers.Gemma2ForCausalLM(config).eval()
+    return transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**common, **layers)).eval()
+
+
+WINDOWED = ["mistral", "gemma2", "gemma3_text", "qwen2"]
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("name", WINDOWED)
+def test_windowed_model_decoding_matches_unpatched(name, cache):
+    """Prompt and every decoding step past the window, through the KV cache, with a left-padded row."""
+    model = windowed(name)
+    if name == "qwen2":
+        windows = [getattr(m, "sliding_window", None) for _, m in hf.attention_layers(model)]
+        assert windows == [None, 5], "the test wants one global and one windowed layer"
+    ids = tokens(2, 9)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    kwargs = {} if cache == "dynamic" else {"cache_implementation": "static"}
+    want_ids, want_logits = _decode_logits(model, ids, mask, **kwargs)
     with hf.patched(model, method_or_skip("dense"), **TORCH):
-        assert_close(run(model, ids), want)  # within the window nothing is cut off
-        with pytest.raises(NotImplementedError, match="sliding-window"):
+        got_ids, got_logits = _decode_logits(model, ids, mask, **kwargs)
+    assert torch.equal(got_ids, want_ids)
+    assert_close(got_logits, want_logits)
+
+
+def test_windows_and_softcap_reach_dense_per_layer(register):
+    seen = []
+
+    def spy(q, k, v, *, causal, scale, backend, window_size=(-1, -1), softcap=0.0):
+        seen.append((tuple(window_size), softcap))
+        return attnzoo.get("dense")(q, k, v, causal=causal, scale=scale, window_size=window_size, softcap=softcap)
+
+    register("test_hf_spy", spy, params={"window_size": [-1, -1], "softcap": 0.0})
+    model = windowed("gemma2")
+    with hf.patched(model, "test_hf_spy"):
+        run(model, tokens(1, 9))
+    assert seen == [((4, 4), 1.0), ((-1, -1), 1.0)]  # transformers' window 5: the query and 4 keys before it
+
+
+def test_bound_window_intersects_the_models():
+    model = windowed("mistral")
+    narrower = windowed("mistral")
+    narrower.config.sliding_window = 3
+    for _, module in hf.attention_layers(narrower):
+        module.config.sliding_window = 3
+    ids = tokens(1, 9)
+    want = run(narrower, ids)
+    with hf.patched(model, method_or_skip("dense"), window_size=(2, 0), **TORCH):
+        assert_close(run(model, ids), want)
+
+
+def test_bound_softcap_conflicting_with_the_models_raises():
+    model = windowed("gemma2")
+    with hf.patched(model, method_or_skip("dense"), softcap=30.0, **TORCH):
+        with pytest.raises(ValueError, match="softcap=30.0 was bound.*gemma2 layer 0.*softcap 1.0"):
             run(model, tokens(1, 9))
+
+
+@pytest.mark.parametrize("name,keyword", [("mistral", "sliding_window"), ("gemma2", "softcap")])
+def test_sparse_method_refuses_window_and_softcap_at_patch_time(name, keyword):
+    model = windowed(name, layer_types=["full_attention"] * 2)
+    refusal = f"{name} layer 0 .* passes {keyword} .*'xattention'.*patch with 'dense'"
+    with pytest.raises(NotImplementedError, match=refusal):
+        hf.patch(model, method_or_skip("xattention"), **TORCH)
+    assert not hasattr(model, hf._MARK)
+
+
+def test_padding_inside_a_window_is_refused():
+    """A right-padded prompt followed by generated tokens has padding between its tokens: compacting them
+    would shift the window, so it raises."""
+    model = windowed("mistral")
+    ids = tokens(2, 9)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    with hf.patched(model, method_or_skip("dense"), **TORCH):
+        with pytest.raises(NotImplementedError, match="mistral layer 0 .*padding between its tokens"):
+            greedy(model, ids, mask)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the attention function's keywords: honoured, bookkeeping, or refused
+
+
+def test_call_options_sorts_every_keyword():
+    dense = attnzoo.get(method_or_skip("dense"))
+    where = "toy layer 3 (ToyAttention)"
+    ignored = {name: object() for name in hf.BOOKKEEPING}
+    off = {"dropout": 0.0, "output_attentions": False, "cu_seq_lens_q": None, "sliding_window": None, "softcap": None}
+    assert hf.call_options(dense, {**ignored, **off}, where) == {}
+    honoured = hf.call_options(dense, {"sliding_window": 4, "softcap": 30}, where)
+    assert honoured == {"window_size": (3, 3), "softcap": 30.0}
+    with pytest.raises(NotImplementedError, match=r"toy layer 3 \(ToyAttention\) passes frobnicate=2 .*does not know"):
+        hf.call_options(dense, {"frobnicate": 2}, where)
+    with pytest.raises(NotImplementedError, match="frobnicate"):
+        hf.call_options(dense, {"frobnicate": None}, where)  # unknown is refused whatever its value
+    for name, value in [("output_attentions", True), ("dropout", 0.1), ("cu_seq_lens_q", torch.tensor([0, 4]))]:
+        with pytest.raises(ValueError, match=f"toy layer 3 .*passes {name}="):
+            hf.call_options(dense, {name: value}, where)
+
+
+class ToyAttention(torch.nn.Module):
+    """An attention module as transformers writes them; only its source matters here."""
+
+    def __init__(self, window, config_cap):
+        super().__init__()
+        self.sliding_window, self.config = window, type("Config", (), {"softcap": config_cap})()
+
+    def forward(self, q, k, v, mask, attention_interface, position_bias=None, **kwargs):
+        return attention_interface(self, q, k, v, mask, scaling=1.0, dropout=0.0 if not self.training else 0.1,
+                                   sliding_window=self.sliding_window, softcap=getattr(self.config, "softcap", None),
+                                   position_bias=position_bias, **kwargs)
+
+
+def test_declared_keywords_are_checked_at_patch_time():
+    declared = hf._declared_keywords(ToyAttention)
+    assert set(declared) == {"scaling", "dropout", "sliding_window", "softcap", "position_bias"}
+    module = ToyAttention(window=None, config_cap=None)
+    assert [hf._static_value(declared[name], module) for name in ("sliding_window", "softcap", "scaling")] == \
+        [None, None, 1.0]
+    assert hf._static_value(declared["position_bias"], module) is hf.AT_FORWARD
+    xattention = attnzoo.get(method_or_skip("xattention"))
+    with pytest.raises(NotImplementedError, match="toy layer 0 passes position_bias .*'xattention' has no 'bias'"):
+        hf.check_declared_keywords(xattention, module, "toy layer 0")
+    with pytest.raises(NotImplementedError, match="toy layer 0 passes sliding_window .*'based' has no 'window_size'"):
+        hf.check_declared_keywords(attnzoo.get("based"), ToyAttention(window=8, config_cap=None), "toy layer 0")
+    hf.check_declared_keywords(attnzoo.get("dense"), ToyAttention(window=8, config_cap=30.0), "toy layer 0")
+
+
+def test_output_attentions_is_refused_at_forward():
+    model = llama()
+    with hf.patched(model, method_or_skip("dense"), **TORCH):
+        run(model, tokens(1, 5))  # output_attentions=False arrives and is ignored
+        with pytest.raises(ValueError, match="llama layer 0 .*output_attentions=True.*no attention weights"):
+            model(input_ids=tokens(1, 5), output_attentions=True)
+
+
+def t5_and_inputs():
+    """The model and inputs of issue 12's T5 report."""
+    config = transformers.T5Config(vocab_size=97, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                                   decoder_start_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    model.set_attn_implementation("eager")
+    return model, torch.randint(2, 97, (1, 12)), torch.randint(2, 97, (1, 5))
+
+
+def test_t5_position_bias_is_honoured_or_refused():
+    model, x, d = t5_and_inputs()
+    want = model(input_ids=x, decoder_input_ids=d).logits
+    if "bias" not in attnzoo.info("dense").inputs:
+        with pytest.raises(NotImplementedError, match="t5 layer 0 .*position_bias.*'dense' has no 'bias'"):
+            hf.patch(model, "dense")
+        return
+    with hf.patched(model, "dense", **TORCH):
+        got = model(input_ids=x, decoder_input_ids=d).logits
+        assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
+        with pytest.raises(NotImplementedError, match="t5 layer 0 .*position_bias.*patch with 'dense'"):
+            hf.patch(t5_and_inputs()[0], method_or_skip("xattention"))
+
+
+def test_gpt_oss_sinks_are_honoured_or_refused():
+    if not hasattr(transformers, "GptOssForCausalLM"):
+        pytest.skip(f"transformers {transformers.__version__} has no gpt-oss")
+    torch.manual_seed(0)
+    config = transformers.GptOssConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                                       num_experts_per_tok=2, sliding_window=5, pad_token_id=0)
+    model = transformers.GptOssForCausalLM(config).eval()
+    model.set_attn_implementation("eager")
+    for _, module in hf.attention_layers(model):
+        torch.nn.init.normal_(module.sinks, std=2.0)  # sinks that take a visible share of each row
+    ids = tokens(2, 9)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    if "sinks" not in attnzoo.info("dense").inputs:
+        with pytest.raises(NotImplementedError, match="gpt_oss layer 0 .*s_aux.*'dense' has no 'sinks'"):
+            hf.patch(model, "dense")
+        return
+    want_ids, want_logits = _decode_logits(model, ids, mask)
+    with hf.patched(model, "dense", **TORCH):
+        got_ids, got_logits = _decode_logits(model, ids, mask)
+    assert torch.equal(got_ids, want_ids)
+    assert_close(got_logits, want_logits)
+
+
+# ---------------------------------------------------------------------------------------------------
+# registry defaults
+
+# methods whose required input no model has: patch() takes it bound, e.g. patch(model, "block_sparse", block_mask=...)
+NEEDS_AN_INPUT = {"block_sparse": "block_mask", "flashbias": "bias"}
+
+
+@pytest.mark.parametrize("method", [name for name in attnzoo.list_methods() if not name.startswith("test_")])
+def test_every_method_patches_with_its_defaults(method):
+    """patch(model, name) with registry defaults only: a causal model where the method is causal, else an encoder."""
+    info = attnzoo.info(method_or_skip(method))
+    model = llama() if info.supports.causal else bert()
+    hf.patch(model, method, **TORCH)
+    if method in NEEDS_AN_INPUT:
+        with pytest.raises((TypeError, ValueError), match=f"layer 0 .*{NEEDS_AN_INPUT[method]}"):
+            run(model, tokens(2, 20))
+        return
+    logits = run(model, tokens(2, 20))
+    assert torch.isfinite(logits).all()
 
 
 def test_failed_patch_leaves_model_untouched(register):

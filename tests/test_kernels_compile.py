@@ -14,7 +14,7 @@ TENSORS = {
 }
 VARIANTS = [  # together they cover every constexpr branch: each kernel dense (span helpers) and sparse
     # (listed helpers), masks, softcap, each dtype, both archs
-    # kernel, dtype, sparse, causal, window, softcap, tiles (m, n), head dim, arch[, TMA]
+    # kernel, dtype, sparse, causal, window, softcap, tiles (m, n), head dim, arch[, TMA[, bias]]
     ("_flash_fwd_kernel", "*bf16", False, True, False, False, (128, 64), 128, 90),
     ("_flash_fwd_kernel", "*fp32", True, False, True, True, (32, 32), 64, 80),
     ("_flash_fwd_kernel", "*bf16", True, True, True, True, (64, 64), 64, 90, True),  # TMA, sparse
@@ -23,13 +23,18 @@ VARIANTS = [  # together they cover every constexpr branch: each kernel dense (s
     ("_flash_dq_kernel", "*bf16", False, False, True, True, (64, 32), 64, 80),
     ("_flash_dkdv_kernel", "*bf16", False, False, True, True, (32, 64), 64, 80),
     ("_flash_dkdv_kernel", "*fp16", True, True, False, False, (64, 128), 128, 90),
+    ("_flash_fwd_kernel", "*bf16", True, True, False, True, (64, 64), 64, 90, False, True),  # bias
+    ("_flash_dq_kernel", "*fp16", False, True, False, False, (64, 64), 64, 80, False, True),  # bias + its grad
+    ("_flash_dkdv_kernel", "*bf16", False, False, True, False, (64, 64), 128, 90, False, True),  # bias
 ]
 
 
-def _job(kernel, dtype, sparse, causal, window, softcap, tiles, head_dim, arch, tma=False):
+def _job(kernel, dtype, sparse, causal, window, softcap, tiles, head_dim, arch, tma=False, bias=False):
     pointers = {name: {"LSE": "*fp32", "DELTA": "*fp32"}.get(name, dtype) for name in TENSORS[kernel]}
     pointers.update({name: ("*i32" if sparse else None) for name in SPARSE_POINTERS})
-    meta = dict(HAS_LEFT=window, HAS_RIGHT=causal or window, HAS_SOFTCAP=softcap,
+    bias_grad = bias and kernel == "_flash_dq_kernel"
+    pointers.update(BIAS="*fp32" if bias else None, DBIAS="*fp32" if bias_grad else None)
+    meta = dict(HAS_LEFT=window, HAS_RIGHT=causal or window, HAS_SOFTCAP=softcap, HAS_BIAS=bias, BIAS_GRAD=bias_grad,
                 SPARSE_Q=128 if sparse else 0, SPARSE_K=128 if sparse else 0, BLOCK_M=tiles[0], BLOCK_N=tiles[1],
                 BLOCK_D=head_dim, BLOCK_DV=head_dim, PRECISION="ieee" if dtype == "*fp32" else "tf32")
     if kernel == "_flash_fwd_kernel":

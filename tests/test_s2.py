@@ -111,7 +111,7 @@ def test_pattern_is_cached_per_shape_and_dense_heads_are_the_last_kv_heads():
     assert torch.equal(again.to_dense(), cached.to_dense()) and again.to_dense().any()
     blocks = again.to_dense()[0]
     # kv head 1 (query heads 2, 3) is dense: every causal block; kv head 0 (query heads 0, 1) keeps the
-    # diagonal block and every key block j with j % 3 == 0 (step = max(1, 3 // 2) = 1, phase 0)
+    # diagonal block and every key block j with j % 3 == 0 (step = max(1, 3 // 4) = 1, phase 0)
     dense = picture("""
         #.....
         ##....

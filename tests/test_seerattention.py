@@ -275,17 +275,23 @@ def test_gate_loss_is_the_kl_divergence(rows, cols, seed):
     gen = torch.Generator().manual_seed(seed)
     target = torch.softmax(torch.randn(2, rows, cols, generator=gen, dtype=torch.float64), -1)
     logits = torch.randn(2, rows, cols, generator=gen, dtype=torch.float64)
-    expected = (target * (target.log() - torch.log_softmax(logits, -1))).sum(-1).mean()
-    torch.testing.assert_close(gate_loss(logits, target), expected)
+    elementwise = target * (target.log() - torch.log_softmax(logits, -1))
+    torch.testing.assert_close(gate_loss(logits, target), elementwise.mean())  # the official KLDivLoss()
+    torch.testing.assert_close(gate_loss(logits, target, reduction="sum"), elementwise.sum())
+    torch.testing.assert_close(gate_loss(logits, target, reduction="rows"), elementwise.sum(-1).mean())
     assert gate_loss(target.log(), target).abs() < 1e-12
+    with pytest.raises(ValueError, match="reduction"):
+        gate_loss(logits, target, reduction="batchmean")
 
 
 def test_gate_loss_skips_rows_without_target_and_masked_blocks():
     target = torch.tensor([[0.0, 0.0], [0.25, 0.75]], dtype=torch.float64)
     logits = torch.tensor([[-math.inf, -math.inf], [0.0, math.log(3.0)]], dtype=torch.float64, requires_grad=True)
-    loss = gate_loss(logits, target)
-    loss.backward()
-    assert loss.abs() < 1e-12 and torch.isfinite(logits.grad).all()
+    for reduction in ("mean", "sum", "rows"):
+        loss = gate_loss(logits, target, reduction=reduction)
+        logits.grad = None
+        loss.backward()
+        assert loss.abs() < 1e-12 and torch.isfinite(logits.grad).all()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -294,7 +300,8 @@ def test_gate_loss_skips_rows_without_target_and_masked_blocks():
 
 
 def reference_gate_probs(gate, q_proj, k_proj, q, k, causal):
-    """AttnGate written out from METHODS.md in float64 with the given weights (attnzoo.reference)."""
+    """AttnGate written out from METHODS.md in float64 with the given weights (attnzoo.reference); the
+    official layouts are checked against the official gate in tests/test_official_seerattention.py."""
     return oracle.attn_gate_probs(q_proj, k_proj, q, k, block_size=gate.block_size, hidden=gate.hidden,
                                   causal=causal, rope_base=gate.rope_base)
 
@@ -305,7 +312,7 @@ def test_gate_matches_its_definition_with_parameter_gradients(shape, causal, blo
     B, Hq, Hk, N, M, D, Dv = shape
     q, k, _ = make_qkv(shape, seed)
     torch.manual_seed(seed)
-    gate = AttnGate(D, Hq, Hk, hidden=16, block_size=block)
+    gate = AttnGate(D, Hq, Hk, hidden=16, block_size=block, q_proj=True)
     probs = gate(q, k, causal=causal)
     q_proj, k_proj = (p.detach().double().requires_grad_() for p in (gate.q_proj, gate.k_proj))
     expected = reference_gate_probs(gate, q_proj, k_proj, q.double(), k.double(), causal)
@@ -345,8 +352,7 @@ def test_a_few_optimiser_steps_lower_the_gate_loss(seed, causal):
 
 
 @pytest.mark.parametrize("params, match", [
-    ({}, "exactly one of threshold"),
-    ({"threshold": 0.1, "topk_ratio": 0.5}, "exactly one of threshold"),
+    ({"threshold": 0.1, "topk_ratio": 0.5}, "at most one of threshold"),
     ({"threshold": 1.5}, r"threshold must be a float in \[0, 1\]"),
     ({"topk_ratio": 0.0}, r"topk_ratio must be a float in \(0, 1\]"),
     ({"topk_ratio": 0.5, "block_size": 24}, "block_size must be a power of two >= 16, got 24"),
@@ -360,3 +366,15 @@ def test_invalid_selection_raises_naming_the_argument(params, match):
     with pytest.raises((ValueError, TypeError), match=match):
         attnzoo.get("seerattention", block_size=params.pop("block_size", 16))(
             q, k, v, causal=True, backend="torch", **params)
+
+
+def test_registry_defaults_run_with_q_k_v_only():
+    """No gate, no selection: the oracle scores with the default threshold (5e-4, the official README's
+    prefill setting), so blocks under it are dropped and the output is the masked reference's."""
+    q, k, v = make_qkv((1, 2, 1, 200, 200, 16, 16), seed=4)
+    out, block_mask = attnzoo.get("seerattention")(q, k, v, causal=True, return_block_mask=True, backend="torch")
+    target = oracle.block_target(q, k, 64, causal=True)
+    want = oracle.select_blocks(target, 200, 200, block_size=64, causal=True, threshold=5e-4)
+    assert torch.equal(block_mask.to_dense(), want)
+    mask = expand_block_mask(want, 200, 200, 64, 64)
+    assert_close(out, attention(q.double(), k.double(), v.double(), causal=True, mask=mask))

@@ -44,6 +44,14 @@ def _store_rows(ptr, value, rows, stride_row, n_rows, cols, stride_col, n_cols):
 
 
 @triton.jit
+def _add_rows(ptr, value, rows, stride_row, n_rows, cols, stride_col, n_cols):
+    """Atomically add a (len(rows), len(cols)) fp32 tile inside [0, n_rows) x [0, n_cols): programs
+    (and, with a stride 0, elements of one tile) may add to the same entry."""
+    tl.atomic_add(ptr + rows[:, None].to(tl.int64) * stride_row + cols[None, :] * stride_col, value,
+                  mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols))
+
+
+@triton.jit
 def _load_lse_log2(LSE, offs_m, N):
     """(len(offs_m),) saved row logsumexp in log2 units; +inf for rows that saw no key (lse = -inf)
     or lie past N, so that exp2(s - lse) is 0 there."""

@@ -11,7 +11,11 @@ One kernel family serves every exact and block-sparse method:
   edge tiles (diagonal, window edge, ragged tail). Sparse calls visit the tiles of the key blocks
   listed in a `SparseIndex`, whose *full* blocks run unmasked and *partial* blocks masked; the dK/dV
   pass walks the transposed lists;
-- rows that see no key produce 0 and lse = -inf, and get zero gradients.
+- rows that see no key produce 0 and lse = -inf, and get zero gradients;
+- bias (HAS_BIAS): an additive (B|1, HQ|1, N|1, M|1) tensor, loaded tile by tile next to each score
+  tile (broadcast dimensions have stride 0, so it is never expanded); its gradient dS is added by the
+  dQ pass into an fp32 buffer of the bias's own shape (BIAS_GRAD, atomics: broadcast entries gather
+  the sum of many pairs). Sinks need nothing here: ops/flash.py merges them by the logsumexp.
 
 Every pass has three levels, like `_attn_fwd_inner` in Triton's fused-attention tutorial: a *tile*
 helper (the loop body: one key tile, or one query tile for dK/dV), a *span* helper that owns the loop
@@ -39,8 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (LN2, _dot, _head, _load_row_stats, _load_rows, _online_softmax, _partner_tiles,
-                      _scores_log2, _softcap_grad, _store_rows, _visible)
+from ._common import (LN2, LOG2E, _add_rows, _dot, _head, _load_row_stats, _load_rows, _online_softmax,
+                      _partner_tiles, _scores_log2, _softcap_grad, _store_rows, _visible)
 from ._config import (dot_precision, fixed_tile, interpret_tile, new_output, next_pow2, prune_for_device,
                       triton_interpreting)
 
@@ -72,14 +76,17 @@ def _load_kv(X, start, rows, stride_row, n_rows, cols, stride_col, n_cols, TMA: 
 @triton.jit
 def _fwd_tile(acc, row_sum, row_max, start_n, MASKED: tl.constexpr,
               q, offs_m, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, M, D, DV,
-              diag, window_left, window_right, scale, softcap,
-              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+              diag, window_left, window_right, scale, softcap, BIAS, DBIAS, stride_zn, stride_zm, N,
+              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
+              BIAS_GRAD: tl.constexpr,
               BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
     """One key tile of the online softmax: update (acc, row_sum, row_max) with keys [start_n, +BLOCK_N).
     acc (BLOCK_M, BLOCK_DV), row_sum and row_max (BLOCK_M,) fp32; q (BLOCK_M, BLOCK_D)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = _load_kv(K, start_n, offs_n, stride_kn, M, offs_d, stride_kd, D, TMA)  # (BLOCK_N, BLOCK_D)
     s = _scores_log2(_dot(q, tl.trans(k), PRECISION), scale, softcap, HAS_SOFTCAP)  # (BLOCK_M, BLOCK_N)
+    if HAS_BIAS:
+        s += _load_rows(BIAS, offs_m, stride_zn, N, offs_n, stride_zm, M).to(tl.float32) * LOG2E
     if MASKED:
         keep = _visible(offs_m[:, None], offs_n[None, :], M, diag, window_left, window_right, HAS_LEFT, HAS_RIGHT)
         s = tl.where(keep, s, float("-inf"))
@@ -92,23 +99,26 @@ def _fwd_tile(acc, row_sum, row_max, start_n, MASKED: tl.constexpr,
 @triton.jit
 def _fwd_span(acc, row_sum, row_max, tile_lo, tile_hi, MASKED: tl.constexpr,
               q, offs_m, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, M, D, DV,
-              diag, window_left, window_right, scale, softcap,
-              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+              diag, window_left, window_right, scale, softcap, BIAS, DBIAS, stride_zn, stride_zm, N,
+              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
+              BIAS_GRAD: tl.constexpr,
               BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
     """_fwd_tile over the key tiles [tile_lo, tile_hi), i.e. keys [tile_lo * BLOCK_N, tile_hi * BLOCK_N)."""
     for t in range(tile_lo, tile_hi):
         acc, row_sum, row_max = _fwd_tile(
             acc, row_sum, row_max, t * BLOCK_N, MASKED,
             q, offs_m, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, M, D, DV,
-            diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BLOCK_N, PRECISION, TMA)
+            diag, window_left, window_right, scale, softcap, BIAS, DBIAS, stride_zn, stride_zm, N, HAS_LEFT,
+            HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS, BIAS_GRAD, BLOCK_N, PRECISION, TMA)
     return acc, row_sum, row_max
 
 
 @triton.jit
 def _fwd_listed(acc, row_sum, row_max, COUNT, INDEX, MASKED: tl.constexpr,
                 q, offs_m, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, M, D, DV,
-                diag, window_left, window_right, scale, softcap,
+                diag, window_left, window_right, scale, softcap, BIAS, DBIAS, stride_zn, stride_zm, N,
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
                 SPARSE_K: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
     """_fwd_tile over the *COUNT key blocks listed at INDEX, each SPARSE_K keys (SPARSE_K // BLOCK_N tiles)."""
     for i in range(tl.load(COUNT)):
@@ -117,7 +127,8 @@ def _fwd_listed(acc, row_sum, row_max, COUNT, INDEX, MASKED: tl.constexpr,
             acc, row_sum, row_max = _fwd_tile(
                 acc, row_sum, row_max, key_block * SPARSE_K + t * BLOCK_N, MASKED,
                 q, offs_m, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, M, D, DV,
-                diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BLOCK_N,
+                diag, window_left, window_right, scale, softcap, BIAS, DBIAS, stride_zn, stride_zm, N, HAS_LEFT,
+                HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS, BIAS_GRAD, BLOCK_N,
                 PRECISION, TMA)
     return acc, row_sum, row_max
 
@@ -131,8 +142,10 @@ def _flash_fwd_kernel(
     stride_ob, stride_oh, stride_on, stride_od,
     COUNT_FULL, INDEX_FULL, COUNT_PART, INDEX_PART,  # sparse index (unused when SPARSE_Q == 0)
     stride_cb, stride_ch, stride_cr, stride_ib, stride_ih, stride_ir,
+    BIAS, DBIAS, stride_zb, stride_zh, stride_zn, stride_zm,  # additive bias (B|1, HQ|1, N|1, M|1) (HAS_BIAS)
     HQ, N, M, D, DV, GROUP, scale, softcap, window_left, window_right, TUNE_N, TUNE_M,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BIAS_GRAD: tl.constexpr,
     SPARSE_Q: tl.constexpr, SPARSE_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr, TMA: tl.constexpr,
@@ -146,6 +159,8 @@ def _flash_fwd_kernel(
     h = pid_bh % HQ
     K = _head(K, b, h // GROUP, stride_kb, stride_kh)
     V = _head(V, b, h // GROUP, stride_vb, stride_vh)
+    if HAS_BIAS:
+        BIAS = _head(BIAS, b, h, stride_zb, stride_zh)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -169,12 +184,14 @@ def _flash_fwd_kernel(
         acc, row_sum, row_max = _fwd_listed(
             acc, row_sum, row_max, COUNT_FULL + count, INDEX_FULL + lists, False,
             q, offs_m, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, M, D, DV,
-            diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, SPARSE_K, BLOCK_N,
+            diag, window_left, window_right, scale, softcap, BIAS, DBIAS, stride_zn, stride_zm, N, HAS_LEFT,
+            HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS, BIAS_GRAD, SPARSE_K, BLOCK_N,
             PRECISION, TMA)
         acc, row_sum, row_max = _fwd_listed(
             acc, row_sum, row_max, COUNT_PART + count, INDEX_PART + lists, True,
             q, offs_m, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, M, D, DV,
-            diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, SPARSE_K, BLOCK_N,
+            diag, window_left, window_right, scale, softcap, BIAS, DBIAS, stride_zn, stride_zm, N, HAS_LEFT,
+            HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS, BIAS_GRAD, SPARSE_K, BLOCK_N,
             PRECISION, TMA)
     else:  # the key tiles the window lets these rows see: masked edge, unmasked middle, masked edge
         t_lo, t_full_lo, t_full_hi, t_hi = _partner_tiles(
@@ -183,15 +200,18 @@ def _flash_fwd_kernel(
         acc, row_sum, row_max = _fwd_span(
             acc, row_sum, row_max, t_lo, t_full_lo, True,
             q, offs_m, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, M, D, DV,
-            diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BLOCK_N, PRECISION, TMA)
+            diag, window_left, window_right, scale, softcap, BIAS, DBIAS, stride_zn, stride_zm, N, HAS_LEFT,
+            HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS, BIAS_GRAD, BLOCK_N, PRECISION, TMA)
         acc, row_sum, row_max = _fwd_span(
             acc, row_sum, row_max, t_full_lo, t_full_hi, False,
             q, offs_m, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, M, D, DV,
-            diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BLOCK_N, PRECISION, TMA)
+            diag, window_left, window_right, scale, softcap, BIAS, DBIAS, stride_zn, stride_zm, N, HAS_LEFT,
+            HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS, BIAS_GRAD, BLOCK_N, PRECISION, TMA)
         acc, row_sum, row_max = _fwd_span(
             acc, row_sum, row_max, t_full_hi, t_hi, True,
             q, offs_m, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, M, D, DV,
-            diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BLOCK_N, PRECISION, TMA)
+            diag, window_left, window_right, scale, softcap, BIAS, DBIAS, stride_zn, stride_zm, N, HAS_LEFT,
+            HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS, BIAS_GRAD, BLOCK_N, PRECISION, TMA)
 
     empty = row_sum == 0.0  # rows that saw no key: o = 0, lse = -inf
     out = acc / tl.where(empty, 1.0, row_sum)[:, None]
@@ -224,8 +244,9 @@ def _delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_on, stride_od,
 @triton.jit
 def _dq_tile(dq, start_n, MASKED: tl.constexpr,
              q, do, lse2, delta, offs_m, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, M, D, DV,
-             diag, window_left, window_right, scale, softcap,
-             HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+             diag, window_left, window_right, scale, softcap, BIAS, DBIAS, stride_zn, stride_zm, N,
+             HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
+             BIAS_GRAD: tl.constexpr,
              BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """dq += dS k for keys [start_n, +BLOCK_N), probabilities recomputed from the saved lse.
     dq (BLOCK_M, BLOCK_D) fp32; q (BLOCK_M, BLOCK_D), do (BLOCK_M, BLOCK_DV); lse2, delta (BLOCK_M,)."""
@@ -234,12 +255,16 @@ def _dq_tile(dq, start_n, MASKED: tl.constexpr,
     v = _load_rows(V, offs_n, stride_vn, M, offs_dv, stride_vd, DV)  # (BLOCK_N, BLOCK_DV)
     qk = _dot(q, tl.trans(k), PRECISION)  # (BLOCK_M, BLOCK_N)
     s = _scores_log2(qk, scale, softcap, HAS_SOFTCAP)
+    if HAS_BIAS:
+        s += _load_rows(BIAS, offs_m, stride_zn, N, offs_n, stride_zm, M).to(tl.float32) * LOG2E
     if MASKED:
         keep = _visible(offs_m[:, None], offs_n[None, :], M, diag, window_left, window_right, HAS_LEFT, HAS_RIGHT)
         s = tl.where(keep, s, float("-inf"))
     p = tl.exp2(s - lse2[:, None])
     dp = _dot(do, tl.trans(v), PRECISION)
     ds = p * (dp - delta[:, None])
+    if BIAS_GRAD:  # d loss / d bias = ds; programs of broadcast rows / heads / batches add to one entry
+        _add_rows(DBIAS, ds, offs_m, stride_zn, N, offs_n, stride_zm, M)
     if HAS_SOFTCAP:
         ds = ds * _softcap_grad(qk, scale, softcap)
     return dq + _dot(ds.to(k.dtype), k, PRECISION)
@@ -248,23 +273,27 @@ def _dq_tile(dq, start_n, MASKED: tl.constexpr,
 @triton.jit
 def _dq_span(dq, tile_lo, tile_hi, MASKED: tl.constexpr,
              q, do, lse2, delta, offs_m, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, M, D, DV,
-             diag, window_left, window_right, scale, softcap,
-             HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+             diag, window_left, window_right, scale, softcap, BIAS, DBIAS, stride_zn, stride_zm, N,
+             HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
+             BIAS_GRAD: tl.constexpr,
              BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """_dq_tile over the key tiles [tile_lo, tile_hi)."""
     for t in range(tile_lo, tile_hi):
         dq = _dq_tile(
             dq, t * BLOCK_N, MASKED,
             q, do, lse2, delta, offs_m, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, M, D, DV,
-            diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BLOCK_N, PRECISION)
+            diag, window_left, window_right, scale, softcap, BIAS, DBIAS, stride_zn, stride_zm, N, HAS_LEFT,
+            HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS, BIAS_GRAD, BLOCK_N, PRECISION)
     return dq
 
 
 @triton.jit
 def _dq_listed(dq, COUNT, INDEX, MASKED: tl.constexpr,
-               q, do, lse2, delta, offs_m, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, M, D, DV,
-               diag, window_left, window_right, scale, softcap,
-               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+               q, do, lse2, delta, offs_m, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, M,
+               D, DV,
+               diag, window_left, window_right, scale, softcap, BIAS, DBIAS, stride_zn, stride_zm, N,
+               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
+               BIAS_GRAD: tl.constexpr,
                SPARSE_K: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """_dq_tile over the *COUNT key blocks listed at INDEX, each SPARSE_K // BLOCK_N tiles."""
     for i in range(tl.load(COUNT)):
@@ -273,7 +302,8 @@ def _dq_listed(dq, COUNT, INDEX, MASKED: tl.constexpr,
             dq = _dq_tile(
                 dq, key_block * SPARSE_K + t * BLOCK_N, MASKED,
                 q, do, lse2, delta, offs_m, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv,
-                M, D, DV, diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+                M, D, DV, diag, window_left, window_right, scale, softcap, BIAS, DBIAS, stride_zn, stride_zm, N,
+                HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS, BIAS_GRAD,
                 BLOCK_N, PRECISION)
     return dq
 
@@ -288,8 +318,10 @@ def _flash_dq_kernel(
     stride_dqb, stride_dqh, stride_dqn, stride_dqd,
     COUNT_FULL, INDEX_FULL, COUNT_PART, INDEX_PART,
     stride_cb, stride_ch, stride_cr, stride_ib, stride_ih, stride_ir,
+    BIAS, DBIAS, stride_zb, stride_zh, stride_zn, stride_zm,  # bias and its fp32 gradient (BIAS_GRAD), same strides
     HQ, N, M, D, DV, GROUP, scale, softcap, window_left, window_right, TUNE_N, TUNE_M,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BIAS_GRAD: tl.constexpr,
     SPARSE_Q: tl.constexpr, SPARSE_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -301,6 +333,10 @@ def _flash_dq_kernel(
     h = pid_bh % HQ
     K = _head(K, b, h // GROUP, stride_kb, stride_kh)
     V = _head(V, b, h // GROUP, stride_vb, stride_vh)
+    if HAS_BIAS:
+        BIAS = _head(BIAS, b, h, stride_zb, stride_zh)
+    if BIAS_GRAD:
+        DBIAS = _head(DBIAS, b, h, stride_zb, stride_zh)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -317,12 +353,14 @@ def _flash_dq_kernel(
         dq = _dq_listed(
             dq, COUNT_FULL + count, INDEX_FULL + lists, False,
             q, do, lse2, delta, offs_m, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, M, D, DV,
-            diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, SPARSE_K, BLOCK_N,
+            diag, window_left, window_right, scale, softcap, BIAS, DBIAS, stride_zn, stride_zm, N, HAS_LEFT,
+            HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS, BIAS_GRAD, SPARSE_K, BLOCK_N,
             PRECISION)
         dq = _dq_listed(
             dq, COUNT_PART + count, INDEX_PART + lists, True,
             q, do, lse2, delta, offs_m, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, M, D, DV,
-            diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, SPARSE_K, BLOCK_N,
+            diag, window_left, window_right, scale, softcap, BIAS, DBIAS, stride_zn, stride_zm, N, HAS_LEFT,
+            HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS, BIAS_GRAD, SPARSE_K, BLOCK_N,
             PRECISION)
     else:  # the key tiles the window lets these rows see: masked edge, unmasked middle, masked edge
         t_lo, t_full_lo, t_full_hi, t_hi = _partner_tiles(
@@ -331,24 +369,29 @@ def _flash_dq_kernel(
         dq = _dq_span(
             dq, t_lo, t_full_lo, True,
             q, do, lse2, delta, offs_m, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, M, D, DV,
-            diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BLOCK_N, PRECISION)
+            diag, window_left, window_right, scale, softcap, BIAS, DBIAS, stride_zn, stride_zm, N, HAS_LEFT,
+            HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS, BIAS_GRAD, BLOCK_N, PRECISION)
         dq = _dq_span(
             dq, t_full_lo, t_full_hi, False,
             q, do, lse2, delta, offs_m, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, M, D, DV,
-            diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BLOCK_N, PRECISION)
+            diag, window_left, window_right, scale, softcap, BIAS, DBIAS, stride_zn, stride_zm, N, HAS_LEFT,
+            HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS, BIAS_GRAD, BLOCK_N, PRECISION)
         dq = _dq_span(
             dq, t_full_hi, t_hi, True,
             q, do, lse2, delta, offs_m, K, V, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, M, D, DV,
-            diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BLOCK_N, PRECISION)
+            diag, window_left, window_right, scale, softcap, BIAS, DBIAS, stride_zn, stride_zm, N, HAS_LEFT,
+            HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS, BIAS_GRAD, BLOCK_N, PRECISION)
 
     _store_rows(_head(DQ, b, h, stride_dqb, stride_dqh), dq * scale, offs_m, stride_dqn, N, offs_d, stride_dqd, D)
 
 
 @triton.jit
 def _dkdv_tile(dk, dv, start_m, MASKED: tl.constexpr,
-               k, v, offs_n, Q, DO, LSE, DELTA, stride_qn, stride_qd, stride_don, stride_dod, offs_d, offs_dv, N, D, DV,
-               M, diag, window_left, window_right, scale, softcap,
-               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+               k, v, offs_n, Q, DO, LSE, DELTA, stride_qn, stride_qd, stride_don, stride_dod, offs_d, offs_dv, N,
+               D, DV,
+               M, diag, window_left, window_right, scale, softcap, BIAS, DBIAS, stride_zn, stride_zm,
+               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
+               BIAS_GRAD: tl.constexpr,
                BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
     """dk += dS^T q, dv += P^T do for queries [start_m, +BLOCK_M), computed transposed (keys x queries).
     dk (BLOCK_N, BLOCK_D), dv (BLOCK_N, BLOCK_DV) fp32; k (BLOCK_N, BLOCK_D), v (BLOCK_N, BLOCK_DV);
@@ -359,6 +402,8 @@ def _dkdv_tile(dk, dv, start_m, MASKED: tl.constexpr,
     lse2, delta = _load_row_stats(LSE, DELTA, offs_m, N)  # (BLOCK_M,)
     qk_t = _dot(k, tl.trans(q), PRECISION)  # (BLOCK_N, BLOCK_M)
     s_t = _scores_log2(qk_t, scale, softcap, HAS_SOFTCAP)
+    if HAS_BIAS:
+        s_t += _load_rows(BIAS, offs_n, stride_zm, M, offs_m, stride_zn, N).to(tl.float32) * LOG2E
     if MASKED:
         keep = _visible(offs_m[None, :], offs_n[:, None], M, diag, window_left, window_right, HAS_LEFT, HAS_RIGHT)
         s_t = tl.where(keep, s_t, float("-inf"))
@@ -373,24 +418,28 @@ def _dkdv_tile(dk, dv, start_m, MASKED: tl.constexpr,
 
 @triton.jit
 def _dkdv_span(dk, dv, tile_lo, tile_hi, MASKED: tl.constexpr,
-               k, v, offs_n, Q, DO, LSE, DELTA, stride_qn, stride_qd, stride_don, stride_dod, offs_d, offs_dv, N, D, DV,
-               M, diag, window_left, window_right, scale, softcap,
-               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+               k, v, offs_n, Q, DO, LSE, DELTA, stride_qn, stride_qd, stride_don, stride_dod, offs_d, offs_dv, N,
+               D, DV,
+               M, diag, window_left, window_right, scale, softcap, BIAS, DBIAS, stride_zn, stride_zm,
+               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
+               BIAS_GRAD: tl.constexpr,
                BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
     """_dkdv_tile over the query tiles [tile_lo, tile_hi)."""
     for t in range(tile_lo, tile_hi):
         dk, dv = _dkdv_tile(
             dk, dv, t * BLOCK_M, MASKED,
             k, v, offs_n, Q, DO, LSE, DELTA, stride_qn, stride_qd, stride_don, stride_dod, offs_d, offs_dv, N, D, DV,
-            M, diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, BLOCK_M, PRECISION)
+            M, diag, window_left, window_right, scale, softcap, BIAS, DBIAS, stride_zn, stride_zm, HAS_LEFT,
+            HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS, BIAS_GRAD, BLOCK_M, PRECISION)
     return dk, dv
 
 
 @triton.jit
 def _dkdv_listed(dk, dv, COUNT, INDEX, MASKED: tl.constexpr,
                  k, v, offs_n, Q, DO, LSE, DELTA, stride_qn, stride_qd, stride_don, stride_dod, offs_d, offs_dv,
-                 N, D, DV, M, diag, window_left, window_right, scale, softcap,
+                 N, D, DV, M, diag, window_left, window_right, scale, softcap, BIAS, DBIAS, stride_zn, stride_zm,
                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
                  SPARSE_Q: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
     """_dkdv_tile over the *COUNT query blocks listed at INDEX, each SPARSE_Q // BLOCK_M tiles."""
     for i in range(tl.load(COUNT)):
@@ -399,7 +448,8 @@ def _dkdv_listed(dk, dv, COUNT, INDEX, MASKED: tl.constexpr,
             dk, dv = _dkdv_tile(
                 dk, dv, query_block * SPARSE_Q + t * BLOCK_M, MASKED,
                 k, v, offs_n, Q, DO, LSE, DELTA, stride_qn, stride_qd, stride_don, stride_dod, offs_d, offs_dv,
-                N, D, DV, M, diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+                N, D, DV, M, diag, window_left, window_right, scale, softcap, BIAS, DBIAS, stride_zn, stride_zm,
+                HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS, BIAS_GRAD,
                 BLOCK_M, PRECISION)
     return dk, dv
 
@@ -415,8 +465,10 @@ def _flash_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     COUNT_FULL, INDEX_FULL, COUNT_PART, INDEX_PART,  # transposed sparse index: per key block, query blocks
     stride_cb, stride_ch, stride_cr, stride_ib, stride_ih, stride_ir,
+    BIAS, DBIAS, stride_zb, stride_zh, stride_zn, stride_zm,  # bias (DBIAS unused: dQ's pass writes it)
     HQ, HK, N, M, D, DV, GROUP, scale, softcap, window_left, window_right, TUNE_N, TUNE_M,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BIAS_GRAD: tl.constexpr,
     SPARSE_Q: tl.constexpr, SPARSE_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -442,18 +494,23 @@ def _flash_dkdv_kernel(
         DOh = _head(DO, b, h, stride_dob, stride_doh)
         LSEh = LSE + (b * HQ + h).to(tl.int64) * N
         DELTAh = DELTA + (b * HQ + h).to(tl.int64) * N
+        BIASh = BIAS
+        if HAS_BIAS:
+            BIASh = _head(BIAS, b, h, stride_zb, stride_zh)
         if SPARSE_Q > 0:  # the listed query blocks: full ones unmasked, then partial ones masked
             count, lists = _index_row(b, h, start_n // SPARSE_K, stride_cb, stride_ch, stride_cr,
                                       stride_ib, stride_ih, stride_ir)
             dk, dv = _dkdv_listed(
                 dk, dv, COUNT_FULL + count, INDEX_FULL + lists, False,
                 k, v, offs_n, Qh, DOh, LSEh, DELTAh, stride_qn, stride_qd, stride_don, stride_dod, offs_d, offs_dv,
-                N, D, DV, M, diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+                N, D, DV, M, diag, window_left, window_right, scale, softcap, BIASh, DBIAS, stride_zn, stride_zm,
+                HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS, BIAS_GRAD,
                 SPARSE_Q, BLOCK_M, PRECISION)
             dk, dv = _dkdv_listed(
                 dk, dv, COUNT_PART + count, INDEX_PART + lists, True,
                 k, v, offs_n, Qh, DOh, LSEh, DELTAh, stride_qn, stride_qd, stride_don, stride_dod, offs_d, offs_dv,
-                N, D, DV, M, diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+                N, D, DV, M, diag, window_left, window_right, scale, softcap, BIASh, DBIAS, stride_zn, stride_zm,
+                HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS, BIAS_GRAD,
                 SPARSE_Q, BLOCK_M, PRECISION)
         else:  # the query tiles that see these keys (j - diag - right <= i <= j - diag + left)
             t_lo, t_full_lo, t_full_hi, t_hi = _partner_tiles(
@@ -462,17 +519,20 @@ def _flash_dkdv_kernel(
             dk, dv = _dkdv_span(
                 dk, dv, t_lo, t_full_lo, True,
                 k, v, offs_n, Qh, DOh, LSEh, DELTAh, stride_qn, stride_qd, stride_don, stride_dod, offs_d, offs_dv,
-                N, D, DV, M, diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+                N, D, DV, M, diag, window_left, window_right, scale, softcap, BIASh, DBIAS, stride_zn, stride_zm,
+                HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS, BIAS_GRAD,
                 BLOCK_M, PRECISION)
             dk, dv = _dkdv_span(
                 dk, dv, t_full_lo, t_full_hi, False,
                 k, v, offs_n, Qh, DOh, LSEh, DELTAh, stride_qn, stride_qd, stride_don, stride_dod, offs_d, offs_dv,
-                N, D, DV, M, diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+                N, D, DV, M, diag, window_left, window_right, scale, softcap, BIASh, DBIAS, stride_zn, stride_zm,
+                HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS, BIAS_GRAD,
                 BLOCK_M, PRECISION)
             dk, dv = _dkdv_span(
                 dk, dv, t_full_hi, t_hi, True,
                 k, v, offs_n, Qh, DOh, LSEh, DELTAh, stride_qn, stride_qd, stride_don, stride_dod, offs_d, offs_dv,
-                N, D, DV, M, diag, window_left, window_right, scale, softcap, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+                N, D, DV, M, diag, window_left, window_right, scale, softcap, BIASh, DBIAS, stride_zn, stride_zm,
+                HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS, BIAS_GRAD,
                 BLOCK_M, PRECISION)
 
     _store_rows(_head(DK, b, kvh, stride_dkb, stride_dkh), dk * scale, offs_n, stride_dkn, M, offs_d, stride_dkd, D)
@@ -483,8 +543,9 @@ def _flash_dkdv_kernel(
 # Autotuning (CUDA) and launchers
 # ----------------------------------------------------------------------------------------------
 
-_TUNE_KEY = ["TUNE_N", "TUNE_M", "BLOCK_D", "BLOCK_DV", "HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "SPARSE_Q", "SPARSE_K",
-             "TMA"]
+_TUNE_KEY = ["TUNE_N", "TUNE_M", "BLOCK_D", "BLOCK_DV", "HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "HAS_BIAS",
+"BIAS_GRAD",
+             "SPARSE_Q", "SPARSE_K", "TMA"]
 
 
 def _autotuned(kernel, kind, shapes):
@@ -507,7 +568,8 @@ _flash_dkdv_tuned = _autotuned(_flash_dkdv_kernel, "dkdv", [  # (32, 64, 8, 2), 
     (64, 128, 8, 2), (64, 64, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 8, 2), (32, 64, 4, 3), (16, 64, 4, 2),
     (32, 32, 4, 2), (16, 16, 2, 2)])
 TUNED = {"fwd": _flash_fwd_tuned, "dq": _flash_dq_tuned, "dkdv": _flash_dkdv_tuned}
-TMA_CONFIGS = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in _flash_fwd_tuned.configs]
+TMA_CONFIGS = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
+c.num_stages) for c in _flash_fwd_tuned.configs]
 
 
 def _launch(plain, tuned, grid_rows, grid_cols, args, meta, tile_axis: str):
@@ -535,10 +597,17 @@ def _index_args(index, transposed: bool) -> tuple:
     return tensors + count_strides + list_strides
 
 
-def _common_meta(q, k, v, window, softcap, index):
+def _bias_args(bias, dbias=None) -> tuple:
+    """The bias pointer, its gradient's (same layout) and their strides, broadcast dimensions 0."""
+    if bias is None:
+        return (None, None, 0, 0, 0, 0)
+    return (bias, dbias, *(st if n > 1 else 0 for st, n in zip(bias.stride(), bias.shape)))
+
+
+def _common_meta(q, k, v, window, softcap, index, bias=None):
     left, right = window
     return dict(
-        HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, HAS_SOFTCAP=softcap > 0,
+        HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, HAS_SOFTCAP=softcap > 0, HAS_BIAS=bias is not None, BIAS_GRAD=False,
         SPARSE_Q=0 if index is None else index.block_q, SPARSE_K=0 if index is None else index.block_k,
         BLOCK_D=next_pow2(q.shape[-1]), BLOCK_DV=next_pow2(v.shape[-1]), PRECISION=dot_precision(q.dtype),
     )
@@ -575,27 +644,30 @@ def use_tma(q, k, v) -> bool:
     return not triton_interpreting() and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9
 
 
-def flash_fwd(q, k, v, *, scale: float, window=(-1, -1), softcap: float = 0.0, index=None):
-    """o (B, Hq, N, Dv) in q's dtype and lse (B, Hq, N) fp32. `index`: a SparseIndex or None (dense)."""
+def flash_fwd(q, k, v, *, scale: float, window=(-1, -1), softcap: float = 0.0, index=None, bias=None):
+    """o (B, Hq, N, Dv) in q's dtype and lse (B, Hq, N) fp32. `index`: a SparseIndex or None (dense);
+    `bias`: an additive bias (B|1, Hq|1, N|1, M|1), contiguous, or None."""
     B, Hq, N, D = q.shape
     Hk, M, Dv = k.shape[1], k.shape[2], v.shape[-1]
     o = new_output((B, Hq, N, Dv), q.dtype, q.device)
     lse = new_output((B, Hq, N), torch.float32, q.device)
     args = (q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(), *_index_args(index, False),
-            Hq, N, M, D, Dv, Hq // Hk, scale, softcap, window[0], window[1], _tune_bucket(N), _tune_bucket(M))
+            *_bias_args(bias), Hq, N, M, D, Dv, Hq // Hk, scale, softcap, window[0], window[1], _tune_bucket(N),
+            _tune_bucket(M))
     tma = use_tma(q, k, v)
     if tma and q.is_cuda and isinstance(triton.runtime._allocation._allocator.get(),
                                         triton.runtime._allocation.NullAllocator):
         triton.set_allocator(_tma_allocator)  # device-side descriptors need a little global scratch
     _launch(_flash_fwd_kernel, _flash_fwd_tuned, N, B * Hq, args,
-            dict(_common_meta(q, k, v, window, softcap, index), TMA=tma), "BLOCK_M")
+            dict(_common_meta(q, k, v, window, softcap, index, bias), TMA=tma), "BLOCK_M")
     return o, lse
 
 
 def flash_bwd(do, q, k, v, o, lse, *, scale: float, window=(-1, -1), softcap: float = 0.0, index=None,
-              dlse=None):
-    """Gradients (dq, dk, dv) given do (and optionally dlse, the gradient of the returned lse),
-    recomputing probabilities from the saved lse. d lse / d s = p, so dlse enters as delta - dlse."""
+              dlse=None, bias=None, bias_grad: bool = False):
+    """Gradients (dq, dk, dv, dbias) given do (and optionally dlse, the gradient of the returned lse),
+    recomputing probabilities from the saved lse. d lse / d s = p, so dlse enters as delta - dlse.
+    With `bias_grad`, dbias (fp32, the bias's shape) is summed by the dQ pass; else None."""
     B, Hq, N, D = q.shape
     Hk, M, Dv = k.shape[1], k.shape[2], v.shape[-1]
     delta = new_output((B, Hq, N), torch.float32, q.device)
@@ -608,15 +680,17 @@ def flash_bwd(do, q, k, v, o, lse, *, scale: float, window=(-1, -1), softcap: fl
     dq = new_output(q.shape, q.dtype, q.device)
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
-    meta = _common_meta(q, k, v, window, softcap, index)
+    dbias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if bias_grad else None
+    meta = _common_meta(q, k, v, window, softcap, index, bias)
     shared = (scale, softcap, window[0], window[1], _tune_bucket(N), _tune_bucket(M))
 
     _launch(_flash_dq_kernel, _flash_dq_tuned, N, B * Hq,
             (q, k, v, do, dq, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-             *_index_args(index, False), Hq, N, M, D, Dv, Hq // Hk, *shared),
-            meta, "BLOCK_M")
+             *_index_args(index, False), *_bias_args(bias, dbias), Hq, N, M, D, Dv, Hq // Hk, *shared),
+            dict(meta, BIAS_GRAD=bias_grad), "BLOCK_M")
     _launch(_flash_dkdv_kernel, _flash_dkdv_tuned, M, B * Hk,
             (q, k, v, do, dk, dv, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
-             *dk.stride(), *dv.stride(), *_index_args(index, True), Hq, Hk, N, M, D, Dv, Hq // Hk, *shared),
+             *dk.stride(), *dv.stride(), *_index_args(index, True), *_bias_args(bias), Hq, Hk, N, M, D, Dv,
+             Hq // Hk, *shared),
             meta, "BLOCK_N")
-    return dq, dk, dv
+    return dq, dk, dv, dbias

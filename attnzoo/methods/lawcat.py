@@ -4,11 +4,13 @@
     S_t = a_t S_{t-1} + phi(k~_t)^T v_t,   z_t = a_t z_{t-1} + phi(k~_t)
     o_t = phi(q~_t) S_t / (phi(q~_t) . z_t + eps)
 
-a_t = exp(g_t), g per head (B, H, N) or per channel (B, H, N, D). Causal only.
+a_t = exp(g_t), g per head (B, H, N) or per channel (B, H, N, D). Causal only. phi is a fixed map
+("elu1", "relu") or a learned one shared by q and k (`LearnedFeatureMap`: a per-head linear layer and
+a nonlinearity, applied after the convolution, as LAWCAT's feature map is).
 
 RECONSTRUCTION: the paper's code was not available. The causal depthwise conv on q and k and the
 "normalised gated linear attention" are what the abstract states; the exact formulas above, the gate
-computed from k in `LAWCATAdapter`, the ELU + 1 feature map and the identity initialisation are
+computed from k in `LAWCATAdapter`, the ELU + 1 nonlinearity and the identity initialisations are
 attnzoo's choices (see docs/methods/lawcat.md).
 """
 
@@ -44,14 +46,27 @@ def _gate_per_channel(g: torch.Tensor | None, shape) -> torch.Tensor | None:
     return g[..., None].expand(shape)
 
 
+def feature_map_fn(feature_map):
+    """The feature map phi: a name in FEATURE_MAPS or a callable (B, H, N, D) -> (B, H, N, F), such as
+    a `LearnedFeatureMap`."""
+    if isinstance(feature_map, str):
+        if feature_map not in FEATURE_MAPS:
+            raise ValueError(f"feature_map must be one of {sorted(FEATURE_MAPS)} or a callable (a LearnedFeatureMap), "
+                             f"got {feature_map!r}")
+        return FEATURE_MAPS[feature_map]
+    if not callable(feature_map):
+        raise TypeError(f"feature_map must be one of {sorted(FEATURE_MAPS)} or a callable (a LearnedFeatureMap), "
+                        f"got {type(feature_map).__name__}")
+    return feature_map
+
+
 def check_lawcat_args(q, k, causal, g, conv_q, conv_k, feature_map) -> None:
     if not causal:
         raise ValueError("lawcat is causal only: its causal conv and gated state run along the sequence order; "
                          "call it with causal=True")
     if k.shape[2] != q.shape[2]:
         raise ValueError(f"lawcat needs q and k of one length, got q length {q.shape[2]} and k length {k.shape[2]}")
-    if feature_map not in FEATURE_MAPS:
-        raise ValueError(f"feature_map must be one of {sorted(FEATURE_MAPS)}, got {feature_map!r}")
+    feature_map_fn(feature_map)
     B, H, N, D = q.shape
     for name, weight in (("conv_q", conv_q), ("conv_k", conv_k)):
         if weight is not None:
@@ -66,10 +81,10 @@ def check_lawcat_args(q, k, causal, g, conv_q, conv_k, feature_map) -> None:
 def lawcat(q, k, v, *, causal: bool, scale: float, backend: str, feature_map: str = "elu1", eps: float = 1e-6,
            chunk_size=None, g=None, conv_q=None, conv_k=None):
     """q, k (B, H, N, D), v (B, H, N, Dv); g (B, H, N) or (B, H, N, D) log gates <= 0 (None = no decay);
-    conv_q, conv_k (H, D, r + 1) depthwise causal kernels (None = identity). `scale` is unused: it
-    cancels in the normalised output."""
+    conv_q, conv_k (H, D, r + 1) depthwise causal kernels (None = identity); feature_map a name or a
+    callable shared by q and k. `scale` is unused: it cancels in the normalised output."""
     check_lawcat_args(q, k, causal, g, conv_q, conv_k, feature_map)
-    phi = FEATURE_MAPS[feature_map]
+    phi = feature_map_fn(feature_map)
     phi_q, phi_k = phi(causal_depthwise_conv(q, conv_q)), phi(causal_depthwise_conv(k, conv_k))
     return _linear.linear_attention(phi_q, phi_k, v, g=_gate_per_channel(g, q.shape), scale=1.0, causal=True,
                                     backend=backend, normalize=True, eps=eps, chunk_size=chunk_size)
@@ -108,20 +123,44 @@ def step(q_t, k_t, v_t, state=None, *, g_t=None, conv_q=None, conv_k=None, featu
         state = LAWCATState(None, None, _empty_window(q_t, conv_q), _empty_window(k_t, conv_k))
     q_conv, q_window = _conv_step(q_t, state.q_window, conv_q)
     k_conv, k_window = _conv_step(k_t, state.k_window, conv_k)
-    phi = FEATURE_MAPS[feature_map]
+    phi = feature_map_fn(feature_map)
     linear_state = None if state.S is None else (state.S, state.z)
     out, (S, z) = _linear.step(phi(q_conv), phi(k_conv), v_t, linear_state, scale=1.0,
                                g_t=_gate_per_channel(g_t, q_t.shape), normalize=True, eps=eps)
     return out, LAWCATState(S, z, q_window, k_window)
 
 
+class LearnedFeatureMap(torch.nn.Module):
+    """A learned feature map shared by q and k: phi(x) = activation(x W_h + b_h) per head h, x (B, H, N, D)
+    -> (B, H, N, D), W (H, D, D) initialised to the identity and b (H, D) to 0, so that it starts as the
+    fixed map `activation` ("elu1" keeps features positive, as the normaliser needs)."""
+
+    def __init__(self, num_heads: int, head_dim: int, activation: str = "elu1"):
+        super().__init__()
+        if activation not in FEATURE_MAPS:
+            raise ValueError(f"activation must be one of {sorted(FEATURE_MAPS)}, got {activation!r}")
+        self.activation = activation
+        self.weight = torch.nn.Parameter(torch.eye(head_dim).repeat(num_heads, 1, 1))
+        self.bias = torch.nn.Parameter(torch.zeros(num_heads, head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        H, D, _ = self.weight.shape
+        if x.dim() != 4 or x.shape[1] != H or x.shape[-1] != D:
+            raise ValueError(f"LearnedFeatureMap: x must be (B, {H}, N, {D}), got shape {tuple(x.shape)}")
+        projected = torch.einsum("bhnd,hdf->bhnf", x, self.weight.to(x.dtype)) + self.bias[:, None].to(x.dtype)
+        return FEATURE_MAPS[self.activation](projected)
+
+
 class LAWCATAdapter(torch.nn.Module):
     """The learned parts LAWCAT adds to an attention layer: depthwise causal conv kernels for q and k
-    (H, D, kernel_size), initialised to the identity (last tap 1), and a per-head forget gate computed
-    from k, g = logsigmoid(k . w_h + b_h) (B, H, N), initialised to w = 0, b = 3 (a = 0.95).
-    `adapter(q, k)` returns the keyword arguments of `lawcat`: conv_q, conv_k and g."""
+    (H, D, kernel_size), initialised to the identity (last tap 1), a per-head forget gate computed
+    from k, g = logsigmoid(k . w_h + b_h) (B, H, N), initialised to w = 0, b = 3 (a = 0.95), and with
+    `learned_feature_map` a `LearnedFeatureMap` shared by q and k (identity-initialised: it starts as
+    "elu1"). `adapter(q, k)` returns the keyword arguments of `lawcat`: conv_q, conv_k, g (and
+    feature_map)."""
 
-    def __init__(self, num_heads: int, head_dim: int, kernel_size: int = 4, gate_bias: float = 3.0):
+    def __init__(self, num_heads: int, head_dim: int, kernel_size: int = 4, gate_bias: float = 3.0,
+                 learned_feature_map: bool = False):
         super().__init__()
         identity = torch.zeros(num_heads, head_dim, kernel_size)
         identity[..., -1] = 1.0
@@ -129,13 +168,15 @@ class LAWCATAdapter(torch.nn.Module):
         self.conv_k = torch.nn.Parameter(identity.clone())
         self.gate_weight = torch.nn.Parameter(torch.zeros(num_heads, head_dim))
         self.gate_bias = torch.nn.Parameter(torch.full((num_heads,), gate_bias))
+        self.feature_map = LearnedFeatureMap(num_heads, head_dim) if learned_feature_map else None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor) -> dict:
         H, D = self.gate_weight.shape
         if k.dim() != 4 or k.shape[1] != H or k.shape[-1] != D:
             raise ValueError(f"k must be (B, {H}, N, {D}), got shape {tuple(k.shape)}")
         logits = torch.einsum("bhnd,hd->bhn", k, self.gate_weight.to(k.dtype)) + self.gate_bias[:, None].to(k.dtype)
-        return {"conv_q": self.conv_q, "conv_k": self.conv_k, "g": F.logsigmoid(logits)}
+        inputs = {"conv_q": self.conv_q, "conv_k": self.conv_k, "g": F.logsigmoid(logits)}
+        return inputs if self.feature_map is None else {**inputs, "feature_map": self.feature_map}
 
 
 def example_kwargs(q, k, v, *, causal):

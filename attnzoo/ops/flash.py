@@ -8,9 +8,10 @@ block_mask=...)` returns (out, lse). Which implementation runs is decided once, 
   nobody asked for: `torch.nn.functional.scaled_dot_product_attention` with its own backward;
 - "twin": otherwise on the torch backend, the PyTorch twin (attnzoo/torch_impl/flash.py): the same
   signature, the same SparseIndex and the same work as the kernel.
-Both the kernel and the twin take `flash_fwd(q, k, v, *, scale, window, softcap, index)` and
-`flash_bwd(do, q, k, v, o, lse, *, scale, window, softcap, index, dlse)`; gradients flow to q, k, v
-through both out and lse.
+Both the kernel and the twin take `flash_fwd(q, k, v, *, scale, window, softcap, index, bias)` and
+`flash_bwd(do, q, k, v, o, lse, *, scale, window, softcap, index, dlse, bias, bias_grad)` ->
+(dq, dk, dv, dbias); gradients flow to q, k, v (and a bias) through both out and lse. Sinks are
+merged after either implementation by their logsumexp (`with_sinks`).
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ from .dispatch import implementation
 
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, window, softcap, index, impl):
-        o, lse = impl.flash_fwd(q, k, v, scale=scale, window=window, softcap=softcap, index=index)
-        ctx.save_for_backward(q, k, v, o, lse)
+    def forward(ctx, q, k, v, bias, scale, window, softcap, index, impl):
+        o, lse = impl.flash_fwd(q, k, v, scale=scale, window=window, softcap=softcap, index=index, bias=bias)
+        ctx.save_for_backward(q, k, v, o, lse, bias)
         ctx.set_materialize_grads(False)  # an unused lse brings dlse None, not zeros (the twin's fast path)
         ctx.args = (impl, scale, window, softcap, index)
         return o, lse
@@ -36,13 +37,35 @@ class _FlashAttention(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # the backward kernels are not differentiable: a second derivative raises
     def backward(ctx, do, dlse):
-        q, k, v, o, lse = ctx.saved_tensors
+        q, k, v, o, lse, bias = ctx.saved_tensors
         impl, scale, window, softcap, index = ctx.args
         if do is None:
             do = torch.zeros_like(o)
-        dq, dk, dv = impl.flash_bwd(do, q, k, v, o, lse, scale=scale, window=window, softcap=softcap,
-                                    index=index, dlse=dlse)
-        return dq, dk, dv, None, None, None, None, None
+        bias_grad = bias is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, dbias = impl.flash_bwd(do, q, k, v, o, lse, scale=scale, window=window, softcap=softcap,
+                                           index=index, dlse=dlse, bias=bias, bias_grad=bias_grad)
+        if dbias is not None:
+            dbias = dbias.to(bias.dtype)
+        return dq, dk, dv, dbias, None, None, None, None, None
+
+
+def compact_bias(bias: torch.Tensor) -> torch.Tensor:
+    """A bias broadcastable to (B, Hq, N, M) as both implementations read it: 4-D, contiguous, its
+    broadcast dimensions (missing, of size 1, or expanded with stride 0) of size 1 - never larger
+    than the storage it came in. Differentiable: the gradient reaches the caller's tensor."""
+    bias = bias[(None,) * (4 - bias.dim())]
+    keep_all = slice(None)
+    return bias[tuple(slice(0, 1) if st == 0 else keep_all for st in bias.stride())].contiguous()
+
+
+def with_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor):
+    """Attention sinks (gpt-oss): per query head h a logit sinks[h] joins every row's softmax
+    denominator and carries no value. That is one more key with value 0, so it is merged by the
+    logsumexp after the kernel, exactly: out * exp(lse - lse'), lse' = logaddexp(lse, sink); autograd
+    carries the gradient to out, lse (hence q, k, v) and sinks. out (B, Hq, N, Dv), lse (B, Hq, N)."""
+    sink = sinks.to(lse.dtype)[None, :, None].expand_as(lse)
+    total = torch.logaddexp(lse, sink)
+    return out * torch.exp(lse - total)[..., None].to(out.dtype), total
 
 
 def max_head_dim(backend: str) -> int | None:
@@ -52,35 +75,42 @@ def max_head_dim(backend: str) -> int | None:
 
 
 def flash_path(backend: str, *, n: int, m: int, window: tuple[int, int], softcap: float, sparse: bool,
-               need_lse: bool) -> str:
-    """Which implementation computes a call: "triton", "sdpa" or "twin" (see the module docstring)."""
+               need_lse: bool, extras: bool = False) -> str:
+    """Which implementation computes a call: "triton", "sdpa" or "twin" (see the module docstring);
+    `extras`: the call has a bias or sinks."""
     if backend == "triton":
         return "triton"
     if backend != "torch":
         raise ValueError(f"the flash op has backends 'triton' and 'torch', not {backend!r}")
     plain_window = window == (-1, -1) or (window == (-1, 0) and n == m)
-    if not sparse and not need_lse and softcap == 0 and plain_window:
+    if not sparse and not need_lse and not extras and softcap == 0 and plain_window:
         return "sdpa"
     return "twin"
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool = False,
                     window_size=(-1, -1), softcap: float = 0.0, block_mask: BlockMask | None = None,
+                    bias: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
                     backend: str = "torch", need_lse: bool = True):
-    """softmax(softcap(scale q k^T) masked) v over the blocks of `block_mask` (all blocks if None).
+    """softmax(softcap(scale q k^T) + bias, masked, with sinks) v over the blocks of `block_mask`
+    (all blocks if None).
 
     q (B, Hq, N, D), k (B, Hk, M, D), v (B, Hk, M, Dv) -> out (B, Hq, N, Dv), lse (B, Hq, N) fp32
     (None when `need_lse` is False and SDPA served the call). Causal and windows are bottom-right
-    aligned; causal sets the window's right side to 0. Inputs are assumed validated (attnzoo.api).
+    aligned; causal sets the window's right side to 0. `bias`: additive, 4-D, broadcastable to
+    (B, Hq, N, M) (read tile by tile; it gets a gradient when it requires one); `sinks`: (Hq,) per-head
+    sink logits (`with_sinks`). Inputs are assumed validated (attnzoo.api, attnzoo.validation).
     """
     n, m = q.shape[2], k.shape[2]
     window = causal_window(causal, window_size)
     path = flash_path(backend, n=n, m=m, window=window, softcap=softcap, sparse=block_mask is not None,
-                      need_lse=need_lse)
+                      need_lse=need_lse, extras=bias is not None or sinks is not None)
     if path == "sdpa":
         out = F.scaled_dot_product_attention(q, k, v, is_causal=window == (-1, 0), scale=scale,
                                              enable_gqa=q.shape[1] != k.shape[1])
         return out, None
     index = None if block_mask is None else block_mask.sparse_index(n, m, causal=False, window=window)
     impl = implementation("flash", "triton" if path == "triton" else "torch")
-    return _FlashAttention.apply(q, k, v, scale, window, softcap, index, impl)
+    bias = None if bias is None else compact_bias(bias)
+    out, lse = _FlashAttention.apply(q, k, v, bias, scale, window, softcap, index, impl)
+    return (out, lse) if sinks is None else with_sinks(out, lse, sinks)

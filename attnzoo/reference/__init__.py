@@ -89,9 +89,13 @@ def _chosen_blocks(name, q, k, causal, scale, opts):
                                  local_blocks=opts.get("local_blocks", 16), vert_stride=opts.get("vert_stride", 8),
                                  homo_head=bool(opts.get("homo_head", False)),
                                  num_dense_heads=opts.get("num_dense_heads", 0),
-                                 head_sliding_offset=opts.get("head_sliding_offset", 0))
+                                 head_sliding_offset=opts.get("head_sliding_offset", 0),
+                                 head_sliding_step=opts.get("head_sliding_step"))
         return pattern, (block_q, block_q)
     if name == "xattention":
+        if opts.get("selection", "attnzoo") != "attnzoo":
+            raise ValueError("xattention with selection='official': pass the block_mask the method returned "
+                             "(the official rule's oracle is tests/test_official_xattention.py)")
         blocks = _xattention.select_blocks(q, k, stride=opts.get("stride", 8), threshold=opts.get("threshold", 0.9),
                                            block_q=block_q, block_k=block_k, scale=scale, causal=causal)
         return blocks, (block_q, block_k)
@@ -122,7 +126,7 @@ def exact_output(name: str, q, k, v, *, causal: bool, scale: float, params: dict
     extra inputs (`inputs`: g, bias, bias_factors, alibi_slopes, gains, conv_q, conv_k, initial_state,
     gate, block_mask, ...).
 
-    - dense: softmax attention with window_size and softcap;
+    - dense: softmax attention with window_size, softcap, an additive `bias` and `sinks`;
     - block_sparse, xattention, s2, sparsed, seerattention: softmax attention restricted to
       `block_mask` = (bool tensor (B|1, H|1, nQB, nKB), (block_q, block_k)), the blocks the method chose
       (an attnzoo.BlockMask is accepted too). Without it, the blocks the oracle's own definition
@@ -143,7 +147,8 @@ def exact_output(name: str, q, k, v, *, causal: bool, scale: float, params: dict
     if name == "dense":
         window = tuple(opts.get("window_size") or (-1, -1))
         softcap = float(opts.get("softcap", 0.0))
-        return attention(q, k, v, causal=causal, scale=scale, window_size=window, softcap=softcap)
+        return attention(q, k, v, causal=causal, scale=scale, window_size=window, softcap=softcap,
+                         bias=_f64(opts.get("bias")), sinks=_f64(opts.get("sinks")))
     if name in _SPARSE:
         if block_mask is not None:
             blocks, (block_q, block_k) = _as_blocks(block_mask, opts.get("block_size", 128))

@@ -5,6 +5,7 @@
     o_t = phi(q~_t) S_t / (phi(q~_t) . z_t + eps)
 
 g is per head (B, H, N) (one a_t for every channel) or per channel (B, H, N, D). Causal only.
+phi is "elu1", "relu", or a callable applied as given (a learned feature map, shared by q and k).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def causal_depthwise_conv(x, weight):
 
 def lawcat(q, k, v, *, g=None, conv_q=None, conv_k=None, feature_map: str = "elu1", eps: float = 1e-6):
     """o (B, H, N, Dv) for q, k (B, H, N, D), v (B, H, N, Dv)."""
-    phi = FEATURE_MAPS[feature_map]
+    phi = feature_map if callable(feature_map) else FEATURE_MAPS[feature_map]
     phi_q, phi_k = phi(causal_depthwise_conv(q, conv_q)), phi(causal_depthwise_conv(k, conv_k))
     if g is not None:
         g = g.to(q.dtype)

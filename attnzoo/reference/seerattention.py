@@ -3,7 +3,8 @@ AttnGate, written from their definitions in float64.
 
 Selection per (batch, query head) row of blocks: keep a block whose score is at least `threshold`
 (the gate probability, or the oracle target without a gate), or the top ceil(topk_ratio * a) of the
-row's a admissible blocks (ties: lower index first); always keep the blocks holding a query's
+row's a admissible blocks (ties: lower index first), and with neither a threshold of 5e-4 (the
+official README's prefill setting); always keep the blocks holding a query's
 diagonal key and every block of the last `last_blocks_dense` query-block rows; never keep a block
 holding no visible pair.
 """
@@ -51,6 +52,8 @@ def topk_count(ratio: float, admissible: int) -> int:
 def select_blocks(scores, n: int, m: int, *, block_size: int, causal: bool, threshold=None, topk_ratio=None,
                   last_blocks_dense: int = 2):
     """Bool (..., nQB, nKB) from scores (..., nQB, nKB)."""
+    if threshold is None and topk_ratio is None:
+        threshold = 5e-4
     admissible = admissible_blocks(n, m, block_size, block_size, causal=causal)
     n_qb, n_kb = admissible.shape
     lead = scores.shape[:-2]

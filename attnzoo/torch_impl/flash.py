@@ -113,6 +113,15 @@ class _Layout:
         offsets = torch.arange(self.block, device=items.device).repeat(self.heads_per_item)
         return (items % self.n_blocks * self.block)[:, None] + offsets
 
+    def batch_of(self, items: torch.Tensor) -> torch.Tensor:
+        """(P,) item ids -> (P,) their batch entry."""
+        return items // (self.kv_heads * self.groups * self.n_blocks)
+
+    def heads_of(self, items: torch.Tensor) -> torch.Tensor:
+        """(P,) item ids -> (P, heads_per_item * block) the head of each of their rows."""
+        first_head = items // self.n_blocks % (self.kv_heads * self.groups) * self.heads_per_item
+        return first_head[:, None] + torch.arange(self.heads_per_item, device=items.device).repeat_interleave(self.block)
+
     def first_items(self, block: int) -> torch.Tensor:
         """(B * Hk * groups,) ids of the items of tile `block`, one per (batch, kv head, group)."""
         return torch.arange(self.batch * self.kv_heads * self.groups) * self.n_blocks + block
@@ -138,12 +147,46 @@ def _index_groups(index, group: int) -> int:
 @dataclass
 class _Piece:
     """Items (P,) of the pass's layout, their query-side rows (P, Lq, .) and key-side rows (P, Lk, .),
-    and which pairs are visible: bool broadcastable to (P, Lq, Lk), None when all are."""
+    which pairs are visible (bool broadcastable to (P, Lq, Lk), None when all are), and where the
+    pairs sit: (batch, query head, query position, key position), broadcastable to (P, Lq, Lk)."""
 
     items: torch.Tensor
     rows: list[torch.Tensor]
     keys: list[torch.Tensor]
     keep: torch.Tensor | None
+    where: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _query_side(queries: _Layout, items: torch.Tensor):
+    """(batch (P, 1, 1), heads (P, Lq, 1), positions (P, Lq, 1)) of query items' rows."""
+    return (queries.batch_of(items)[:, None, None], queries.heads_of(items)[:, :, None],
+            queries.positions(items)[:, :, None])
+
+
+class _Bias:
+    """An additive bias broadcastable to (B, Hq, N, M), read and its gradient written at a piece's pairs."""
+
+    def __init__(self, bias: torch.Tensor, n: int, m: int, dtype: torch.dtype):
+        self.value = bias.to(dtype)
+        self.limits = (None, None, n - 1, m - 1)
+
+    def _index(self, where):
+        """Index tensors into the bias (broadcast dims read index 0; rows / keys past the end, which
+        are masked or discarded, read the last one)."""
+        zero = torch.zeros((), dtype=torch.long, device=self.value.device)
+        return tuple(zero if size == 1 else (i if top is None else i.clamp(max=top))
+                     for i, size, top in zip(where, self.value.shape, self.limits))
+
+    def tile(self, where) -> torch.Tensor:
+        """The bias at the piece's pairs, broadcastable to (P, Lq, Lk)."""
+        tile = self.value[self._index(where)]
+        return tile.view((1,) * (3 - tile.dim()) + tuple(tile.shape))
+
+    def add_grad(self, grad: torch.Tensor, where, ds: torch.Tensor) -> None:
+        """grad (the bias's shape) += ds (P, Lq, Lk) at the piece's pairs; pairs that share a bias entry
+        (broadcast dims) are summed first."""
+        index = self._index(where)
+        grad.index_put_(index, ds.sum_to_size(torch.broadcast_shapes(*(i.shape for i in index))), accumulate=True)
 
 
 def _on_grid(x: torch.Tensor, call: _Call, groups: int) -> torch.Tensor:
@@ -221,8 +264,10 @@ def _listed_query_pieces(call: _Call, index, queries: _Layout, keys: _Layout, ro
         for items, listed in _buckets(counts, key_items, queries.heads_per_item * queries.block * keys.block):
             split = _by_mask(call, queries, keys, items[:, None], listed) if masked else [(slice(None), None)]
             for chosen, keep in split:
-                yield _Piece(items[chosen], [x[items[chosen]] for x in rows],
-                             [x[listed[chosen]].flatten(1, 2) for x in key_rows], keep)
+                mine, theirs = items[chosen], listed[chosen]
+                cols = keys.positions(theirs.reshape(-1)).view(mine.numel(), 1, -1)
+                yield _Piece(mine, [x[mine] for x in rows], [x[theirs].flatten(1, 2) for x in key_rows], keep,
+                             (*_query_side(queries, mine), cols))
 
 
 def _listed_key_pieces(call: _Call, index, queries: _Layout, keys: _Layout, rows, key_rows):
@@ -232,8 +277,11 @@ def _listed_key_pieces(call: _Call, index, queries: _Layout, keys: _Layout, rows
         for items, listed in _buckets(counts, query_items, queries.heads_per_item * queries.block * keys.block):
             split = _by_mask(call, queries, keys, listed, items[:, None]) if masked else [(slice(None), None)]
             for chosen, keep in split:
-                yield _Piece(items[chosen], [x[listed[chosen]].flatten(1, 2) for x in rows],
-                             [x[items[chosen]] for x in key_rows], keep)
+                mine, theirs = items[chosen], listed[chosen]
+                _, heads, positions = _query_side(queries, theirs.reshape(-1))
+                where = (keys.batch_of(mine)[:, None, None], heads.view(mine.numel(), -1, 1),
+                         positions.view(mine.numel(), -1, 1), keys.positions(mine)[:, None, :])
+                yield _Piece(mine, [x[theirs].flatten(1, 2) for x in rows], [x[mine] for x in key_rows], keep, where)
 
 
 def _span_parts(span: tuple[int, int, int, int], step: int):
@@ -253,12 +301,11 @@ def _span_query_pieces(call: _Call, queries: _Layout, rows, k, v):
         first, stop = tile * queries.block, min((tile + 1) * queries.block, call.n)
         span = geometry.visible_span(first, stop - 1, call.n, call.m, call.window)
         tile_rows = [x[items] for x in rows]
+        batch, heads, positions = _query_side(queries, items)
         for lo, hi, masked in _span_parts(span, max(1, _PIECE_ELEMENTS // (items.numel() * row_count))):
-            keep = None
-            if masked:
-                keep = geometry.visible(queries.positions(items[:1])[:, :, None],
-                                        torch.arange(lo, hi, device=k.device), call.n, call.m, call.window)
-            yield _Piece(items, tile_rows, [k[:, lo:hi], v[:, lo:hi]], keep)
+            cols = torch.arange(lo, hi, device=k.device)
+            keep = geometry.visible(positions[:1], cols, call.n, call.m, call.window) if masked else None
+            yield _Piece(items, tile_rows, [k[:, lo:hi], v[:, lo:hi]], keep, (batch, heads, positions, cols))
 
 
 def _span_key_pieces(call: _Call, keys: _Layout, rows, key_rows):
@@ -271,13 +318,14 @@ def _span_key_pieces(call: _Call, keys: _Layout, rows, key_rows):
         span = geometry.query_span(first, stop - 1, call.n, call.m, call.window)
         tile_keys = [x[items] for x in key_rows]
         step = max(1, _PIECE_ELEMENTS // (items.numel() * call.group * keys.block))
+        first_head = keys.heads_of(items)[:, :1] * call.group  # (B * Hk, 1): query head of group member 0
+        cols = keys.positions(items)[:, None, :]
         for lo, hi, masked in _span_parts(span, step):
-            keep = None
-            if masked:
-                query_pos = torch.arange(lo, hi, device=items.device).repeat(call.group)
-                keep = geometry.visible(query_pos[None, :, None], keys.positions(items[:1])[:, None, :],
-                                        call.n, call.m, call.window)
-            yield _Piece(items, [x[:, :, lo:hi].flatten(1, 2) for x in per_group], tile_keys, keep)
+            members = torch.arange(call.group, device=items.device).repeat_interleave(hi - lo)
+            positions = torch.arange(lo, hi, device=items.device).repeat(call.group)[None, :, None]
+            keep = geometry.visible(positions, cols[:1], call.n, call.m, call.window) if masked else None
+            where = (keys.batch_of(items)[:, None, None], (first_head + members)[:, :, None], positions, cols)
+            yield _Piece(items, [x[:, :, lo:hi].flatten(1, 2) for x in per_group], tile_keys, keep, where)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -285,32 +333,39 @@ def _span_key_pieces(call: _Call, keys: _Layout, rows, key_rows):
 # ---------------------------------------------------------------------------------------------------
 
 
-def _additive(keep: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """keep (P|1, Lq, Lk) bool -> (P|1, 1, Lq, Lk) additive mask (0 / -inf), as torch's kernel takes it."""
-    if keep is None:
+def _logits_mask(keep: torch.Tensor | None, bias: torch.Tensor | None, dtype) -> torch.Tensor | None:
+    """What torch's kernel adds to the scores: the bias tile, -inf where `keep` is False;
+    (P|1, 1, Lq, Lk), or None when there is neither."""
+    if keep is None and bias is None:
         return None
-    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, -math.inf)[:, None]
+    added = torch.zeros(keep.shape, dtype=dtype, device=keep.device) if bias is None else bias.to(dtype)
+    if keep is not None:
+        added = added.masked_fill(~keep, -math.inf)
+    return added[:, None]
 
 
-def _scores(q, k, call: _Call):
-    """Scaled (and soft-capped) scores q k^T, and tanh(scores / softcap) for the backward (None without)."""
+def _scores(q, k, bias, call: _Call):
+    """softcap(scale q k^T) + bias, and tanh(scale q k^T / softcap) for the backward (None without)."""
     s = torch.matmul(q, k.transpose(-1, -2)) * call.scale
+    t = None
     if call.softcap > 0:
         t = torch.tanh(s / call.softcap)
-        return call.softcap * t, t
-    return s, None
+        s = call.softcap * t
+    return (s if bias is None else s + bias), t
 
 
-def _attend(q, k, v, keep, call: _Call):
-    """(o (P, Lq, Dv), lse (P, Lq)) of rows q (P, Lq, D) over keys k, v (P, Lk, .); lse -inf and o 0
+def _attend(q, k, v, keep, bias, call: _Call):
+    """(o (P, Lq, Dv), lse (P, Lq)) of rows q (P, Lq, D) over keys k, v (P, Lk, .), with visibility
+    `keep` and additive `bias` tile (each broadcastable to (P, Lq, Lk), or None); lse -inf and o 0
     for a row that sees no key."""
     if call.fused:
-        o, lse = _FUSED_FWD(q[:, None], k[:, None], v[:, None], attn_mask=_additive(keep, q.dtype), scale=call.scale)
+        added = _logits_mask(keep, bias, q.dtype)
+        o, lse = _FUSED_FWD(q[:, None], k[:, None], v[:, None], attn_mask=added, scale=call.scale)
         o, lse = o[:, 0], lse[:, 0]
-        if keep is not None:  # torch's kernel reports lse 0 for a row with no visible key
-            lse = lse.masked_fill(~keep.any(-1).expand_as(lse), -math.inf)
+        if added is not None:  # torch's kernel reports lse 0 for a row with no visible key
+            lse = lse.masked_fill((added[:, 0] == -math.inf).all(-1).expand_as(lse), -math.inf)
         return o, lse
-    s, _ = _scores(q, k, call)
+    s, _ = _scores(q, k, bias, call)
     if keep is not None:
         s = s.masked_fill(~keep, -math.inf)
     lse = torch.logsumexp(s, dim=-1)
@@ -318,24 +373,24 @@ def _attend(q, k, v, keep, call: _Call):
     return torch.matmul(p, v), lse
 
 
-def _attend_backward(q, do, o, lse, delta, k, v, keep, call: _Call, fused: bool):
-    """(dq, dk, dv) of one piece. lse (P, Lq) is +inf for rows that saw no key (their p is 0); delta
-    (P, Lq) is rowsum(do * o) minus the gradient of lse (the fused kernel computes it from o, do)."""
+def _attend_backward(q, do, o, lse, delta, k, v, keep, bias, call: _Call, fused: bool):
+    """(dq, dk, dv, ds) of one piece, ds = d loss / d scores (the bias gradient; None from the fused
+    kernel). lse (P, Lq) is +inf for rows that saw no key (their p is 0); delta (P, Lq) is
+    rowsum(do * o) minus the gradient of lse (the fused kernel computes it from o, do)."""
     if fused:
         dq, dk, dv = _FUSED_BWD(do[:, None], q[:, None], k[:, None], v[:, None], o[:, None], lse[:, None], 0.0,
-                                False, attn_mask=_additive(keep, q.dtype), scale=call.scale)
-        return dq[:, 0], dk[:, 0], dv[:, 0]
-    s, tanh_s = _scores(q, k, call)
+                                False, attn_mask=_logits_mask(keep, bias, q.dtype), scale=call.scale)
+        return dq[:, 0], dk[:, 0], dv[:, 0], None
+    s, tanh_s = _scores(q, k, bias, call)
     log_p = s - lse[..., None]
     if keep is not None:
         log_p = log_p.masked_fill(~keep, -math.inf)
     p = torch.exp(log_p)
     ds = p * (torch.matmul(do, v.transpose(-1, -2)) - delta[..., None])
-    if tanh_s is not None:
-        ds = ds * (1 - tanh_s * tanh_s)
-    dq = torch.matmul(ds, k) * call.scale
-    dk = torch.matmul(ds.transpose(-1, -2), q) * call.scale
-    return dq, dk, torch.matmul(p.transpose(-1, -2), do)
+    ds_qk = ds if tanh_s is None else ds * (1 - tanh_s * tanh_s)
+    dq = torch.matmul(ds_qk, k) * call.scale
+    dk = torch.matmul(ds_qk.transpose(-1, -2), q) * call.scale
+    return dq, dk, torch.matmul(p.transpose(-1, -2), do), ds
 
 
 def _merge(o_a, lse_a, o_b, lse_b):
@@ -362,40 +417,49 @@ def _query_pieces(call, index, queries, keys, rows, k, v):
     return _listed_query_pieces(call, index, queries, keys, rows, [keys.items(k), keys.items(v)])
 
 
-def flash_fwd(q, k, v, *, scale: float, window=(-1, -1), softcap: float = 0.0, index=None):
-    """o (B, Hq, N, Dv) in q's dtype and lse (B, Hq, N) fp32. `index`: a SparseIndex or None (dense)."""
+def flash_fwd(q, k, v, *, scale: float, window=(-1, -1), softcap: float = 0.0, index=None, bias=None):
+    """o (B, Hq, N, Dv) in q's dtype and lse (B, Hq, N) fp32. `index`: a SparseIndex or None (dense);
+    `bias`: an additive bias (4-D, broadcastable to (B, Hq, N, M)) or None."""
     call = _call(q, k, v, scale, window, softcap)
     out_dtype, acc_dtype = q.dtype, _accum_dtype(q.dtype)
     q, k, v = (x.to(acc_dtype) for x in (q, k, v))
+    bias = None if bias is None else _Bias(bias, call.n, call.m, acc_dtype)
     queries, keys = _query_layouts(call, index)
     q_items = queries.items(q)
     o = q_items.new_zeros(q_items.shape[:-1] + (v.shape[-1],))
     lse = q_items.new_full(q_items.shape[:-1], -math.inf)
     for piece in _query_pieces(call, index, queries, keys, [q_items], k, v):
-        o_piece, lse_piece = _attend(*piece.rows, *piece.keys, piece.keep, call)
+        bias_tile = None if bias is None else bias.tile(piece.where)
+        o_piece, lse_piece = _attend(*piece.rows, *piece.keys, piece.keep, bias_tile, call)
         o[piece.items], lse[piece.items] = _merge(o[piece.items], lse[piece.items], o_piece, lse_piece)
     return queries.tensor(o).to(out_dtype), queries.tensor(lse[..., None])[..., 0].float()
 
 
 def flash_bwd(do, q, k, v, o, lse, *, scale: float, window=(-1, -1), softcap: float = 0.0, index=None,
-              dlse=None):
-    """Gradients (dq, dk, dv) given do (and optionally dlse, the gradient of the returned lse),
+              dlse=None, bias=None, bias_grad: bool = False):
+    """Gradients (dq, dk, dv, dbias) given do (and optionally dlse, the gradient of the returned lse),
     recomputing probabilities from the saved lse. d lse / d s = p, so dlse enters as delta - dlse.
-    dQ walks the forward's lists per query item, dK/dV the transposed lists per key item."""
+    dQ (and the bias gradient, in fp32 and the bias's shape, when `bias_grad`; else None) walks the
+    forward's lists per query item, dK/dV the transposed lists per key item."""
     call = _call(q, k, v, scale, window, softcap)
-    fused = call.fused and dlse is None
+    fused = call.fused and dlse is None and not bias_grad
     acc_dtype = _accum_dtype(q.dtype)
     dtypes = (q.dtype, k.dtype, v.dtype)
     q, k, v, do, o = (x.to(acc_dtype) for x in (q, k, v, do, o))
     lse = lse.to(acc_dtype).masked_fill(lse == -math.inf, math.inf)  # rows that saw nothing: p = 0
     delta = (do * o).sum(dim=-1) - (0 if dlse is None else dlse.to(acc_dtype))
     row_tensors = (q, do, o, lse[..., None], delta[..., None])
+    biased = None if bias is None else _Bias(bias, call.n, call.m, acc_dtype)
+    dbias = torch.zeros(bias.shape, dtype=acc_dtype, device=bias.device) if bias_grad else None
     queries, keys = _query_layouts(call, index)
 
     rows = [queries.items(x, pad=math.inf if i == 3 else 0.0) for i, x in enumerate(row_tensors)]
     dq = torch.zeros_like(rows[0])
     for piece in _query_pieces(call, index, queries, keys, rows, k, v):
-        dq[piece.items] += _piece_grads(piece, call, fused)[0]
+        dq_piece, _, _, ds = _piece_grads(piece, biased, call, fused)
+        dq[piece.items] += dq_piece
+        if dbias is not None:
+            biased.add_grad(dbias, piece.where, ds)
 
     key_rows = [keys.items(k), keys.items(v)]
     dk, dv = torch.zeros_like(key_rows[0]), torch.zeros_like(key_rows[1])
@@ -404,12 +468,14 @@ def flash_bwd(do, q, k, v, o, lse, *, scale: float, window=(-1, -1), softcap: fl
     else:
         key_pieces = _listed_key_pieces(call, index, queries, keys, rows, key_rows)
     for piece in key_pieces:
-        _, dk_piece, dv_piece = _piece_grads(piece, call, fused)
+        _, dk_piece, dv_piece, _ = _piece_grads(piece, biased, call, fused)
         dk[piece.items] += dk_piece
         dv[piece.items] += dv_piece
-    return queries.tensor(dq).to(dtypes[0]), keys.tensor(dk).to(dtypes[1]), keys.tensor(dv).to(dtypes[2])
+    grads = queries.tensor(dq).to(dtypes[0]), keys.tensor(dk).to(dtypes[1]), keys.tensor(dv).to(dtypes[2])
+    return (*grads, None if dbias is None else dbias.float())
 
 
-def _piece_grads(piece: _Piece, call: _Call, fused: bool):
+def _piece_grads(piece: _Piece, bias: _Bias | None, call: _Call, fused: bool):
     q, do, o, lse, delta = piece.rows
-    return _attend_backward(q, do, o, lse[..., 0], delta[..., 0], *piece.keys, piece.keep, call, fused)
+    bias_tile = None if bias is None else bias.tile(piece.where)
+    return _attend_backward(q, do, o, lse[..., 0], delta[..., 0], *piece.keys, piece.keep, bias_tile, call, fused)
