@@ -4,11 +4,19 @@ it imports nothing of attnzoo).
 - TRITON_INTERPRET=1: Triton kernels run on CPU tensors under the Triton interpreter.
 - ATTNZOO_INTERPRET_TILE (default 16): the one tile size used under the interpreter.
 - ATTNZOO_POISON=1: kernel and twin outputs start as NaN, so an element nobody writes shows.
+
+`INTERPRETER_LOCK` serialises interpreted launches: the Triton interpreter keeps global state (it
+patches triton.language and holds one grid position), so two threads launching at once corrupt each
+other. `serialised(fn)` runs fn under that lock when the interpreter is on, directly otherwise.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import threading
+
+INTERPRETER_LOCK = threading.RLock()
 
 
 def triton_interpreting() -> bool:
@@ -22,3 +30,14 @@ def interpret_tile() -> int:
 
 def poisoning() -> bool:
     return os.environ.get("ATTNZOO_POISON", "0") == "1"
+
+
+def serialised(fn):
+    """fn, run under INTERPRETER_LOCK while TRITON_INTERPRET=1 (compiled launches need no lock)."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if not triton_interpreting():
+            return fn(*args, **kwargs)
+        with INTERPRETER_LOCK:
+            return fn(*args, **kwargs)
+    return run

@@ -10,13 +10,20 @@ the backward's dK/dV pass walks.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
 from .geometry import block_geometry
 
-__all__ = ["BlockMask", "SparseIndex", "block_geometry"]
+__all__ = ["BlockMask", "SparseIndex", "block_geometry", "INDEX_CACHE_ENTRIES"]
+
+# Geometries (N, M, causal, window) whose SparseIndex one BlockMask keeps; the least recently used goes
+# first. An entry holds 4 count tensors and 4 int32 lists of the mask's size: about 16 bytes per mask
+# element (plus 8 per block row and column), so a mask's cache holds at most about
+# INDEX_CACHE_ENTRIES * 16 * mask.numel() bytes.
+INDEX_CACHE_ENTRIES = 4
 
 
 @dataclass(frozen=True)
@@ -74,7 +81,8 @@ class BlockMask:
                              f"(or (nQB, nKB)), got {tuple(mask.shape)}")
         self.mask = mask
         self.block_q, self.block_k = _as_pair(block_size)
-        self._index_cache: dict[tuple, SparseIndex] = {}
+        # geometry -> (the mask's storage and version when built, its SparseIndex)
+        self._index_cache: OrderedDict[tuple, tuple[tuple, SparseIndex]] = OrderedDict()
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -106,20 +114,37 @@ class BlockMask:
             raise ValueError(f"block_mask is on {self.mask.device}; q, k, v are on {device}")
 
     def sparse_index(self, n: int, m: int, *, causal: bool, window=(-1, -1)) -> SparseIndex:
-        """Kernel form for this geometry (cached): full and partial lists, and their transposes. The
-        cache follows the mask's storage and version counter, so editing or replacing `mask` rebuilds it."""
-        key = (n, m, causal, tuple(window), self.mask.data_ptr(), self.mask._version)
-        if key not in self._index_cache:
-            any_visible, fully = block_geometry(n, m, self.block_q, self.block_k, causal=causal,
-                                                window=window, device=self.mask.device)
-            full = self.mask & fully
-            part = self.mask & any_visible & ~fully
-            self._index_cache[key] = SparseIndex(
-                self.block_q, self.block_k,
-                *_lists(full), *_lists(part),
-                *_lists(full.transpose(-1, -2)), *_lists(part.transpose(-1, -2)),
-            )
-        return self._index_cache[key]
+        """Kernel form for this geometry: full and partial lists, and their transposes. It is cached per
+        geometry (at most INDEX_CACHE_ENTRIES, least recently used evicted); an entry records the mask's
+        storage and version counter, so editing or replacing `mask` rebuilds that entry in place. A mask
+        made under torch.inference_mode has no version counter: its index is built on every call."""
+        geometry = (n, m, causal, tuple(window))
+        stamp = self._stamp()
+        cached = self._index_cache.get(geometry)
+        if cached is not None and stamp is not None and cached[0] == stamp:
+            self._index_cache.move_to_end(geometry)
+            return cached[1]
+        index = self._build_index(n, m, causal, window)
+        self._index_cache.pop(geometry, None)
+        if stamp is not None:
+            self._index_cache[geometry] = (stamp, index)
+            while len(self._index_cache) > INDEX_CACHE_ENTRIES:
+                self._index_cache.popitem(last=False)
+        return index
+
+    def _stamp(self) -> tuple | None:
+        """(storage pointer, version) of the mask; None for an inference tensor (no version counter)."""
+        if self.mask.is_inference():
+            return None
+        return self.mask.data_ptr(), self.mask._version
+
+    def _build_index(self, n: int, m: int, causal: bool, window) -> SparseIndex:
+        any_visible, fully = block_geometry(n, m, self.block_q, self.block_k, causal=causal, window=window,
+                                            device=self.mask.device)
+        full = self.mask & fully
+        part = self.mask & any_visible & ~fully
+        return SparseIndex(self.block_q, self.block_k, *_lists(full), *_lists(part),
+                           *_lists(full.transpose(-1, -2)), *_lists(part.transpose(-1, -2)))
 
     def to_flex(self, n: int, m: int, *, causal: bool = False):
         """This mask as a `torch.nn.attention.flex_attention.BlockMask` for q length n, k length m.

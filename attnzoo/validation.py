@@ -75,15 +75,78 @@ def check_causal(causal, *, info: MethodInfo) -> None:
         raise ValueError(f"method {info.name!r} is causal only; call it with causal=True{why}")
 
 
+# ---------------------------------------------------------------------------------------------------
+# Scalars: one helper per kind, used by every method for its parameters. Numbers may come as Python,
+# numpy or 0-d tensor scalars; bools are never numbers; every error names the argument and its value.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _scalar(value):
+    """A 0-d tensor or a numpy scalar as the Python scalar it holds; anything else unchanged."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.device.type != "meta":
+        return value.item()
+    item = getattr(value, "item", None)
+    if type(value).__module__ == "numpy" and callable(item) and getattr(value, "shape", None) == ():
+        return item()
+    return value
+
+
+def check_bool(name: str, value) -> bool:
+    """A flag: True or False (numpy bools too), never a truthy string or number."""
+    value = _scalar(value)
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_int(name: str, value, *, low: int | None = None, high: int | None = None) -> int:
+    """An integer in [low, high] (either bound optional); floats, even 2.0, are refused."""
+    value = _scalar(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = [f">= {low}"] * (low is not None) + [f"<= {high}"] * (high is not None)
+        raise ValueError(f"{name} must be an int {' and '.join(bounds)}, got {value}")
+    return value
+
+
+def check_real(name: str, value, *, low: float | None = None, low_open: bool = False, what: str = "a float") -> float:
+    """A finite real number (an int or a float), >= low (> low with `low_open`) when low is given;
+    `what` names the expected value in the type error."""
+    value = _scalar(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if low is not None and (value <= low if low_open else value < low):
+        raise ValueError(f"{name} must be a finite float {'>' if low_open else '>='} {low:g}, got {value}")
+    return float(value)
+
+
+def check_positive(name: str, value) -> float:
+    """A finite number > 0 (an eps, a bandwidth, a temperature)."""
+    return check_real(name, value, low=0.0, low_open=True)
+
+
+def check_choice(name: str, value, choices) -> str:
+    """One of the strings `choices`."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+    return value
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    """A tensor parameter (a gate, a bias, a kernel) without NaN or inf (not read on the meta device)."""
+    if t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} must be finite, got a tensor with {int((~torch.isfinite(t)).sum())} NaN or "
+                         f"inf entries of {t.numel()}")
+
+
 def resolve_scale(scale, head_dim: int) -> float:
     """`scale` defaults to head_dim ** -0.5; a given one must be a finite real number."""
     if scale is None:
         return head_dim ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
-    return float(scale)
+    return check_real("scale", scale, what="a float or None")
 
 
 def check_window(window_size) -> tuple[int, int]:
@@ -91,16 +154,12 @@ def check_window(window_size) -> tuple[int, int]:
     if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2):
         raise TypeError(f"window_size must be a (left, right) pair of ints, got {window_size!r}")
     left, right = window_size
-    for side, w in (("left", left), ("right", right)):
-        if isinstance(w, bool) or not isinstance(w, int) or w < -1:
-            raise ValueError(f"window_size {side} must be an int >= -1 (-1 = unbounded), got {w!r}")
-    return int(left), int(right)
+    return check_int("window_size left", left, low=-1), check_int("window_size right", right, low=-1)
 
 
 def check_softcap(softcap) -> float:
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap < 0:
-        raise ValueError(f"softcap must be a finite float >= 0 (0 disables it), got {softcap!r}")
-    return float(softcap)
+    """softcap >= 0, finite (0 disables it)."""
+    return check_real("softcap", softcap, low=0.0)
 
 
 def check_bias(bias, q: torch.Tensor, m: int) -> None:
@@ -135,8 +194,9 @@ def check_sinks(sinks, q: torch.Tensor) -> None:
         raise ValueError("sinks must be finite")
 
 
-def check_tensor(name: str, t, *, shape: tuple, like: torch.Tensor, dtype=None) -> None:
-    """Check an extra input tensor: `shape` entries may be an int, a tuple of allowed ints, or None (any)."""
+def check_tensor(name: str, t, *, shape: tuple, like: torch.Tensor, dtype=None, finite: bool = False) -> None:
+    """Check an extra input tensor: `shape` entries may be an int, a tuple of allowed ints, or None (any);
+    `finite`: refuse NaN and inf (check_finite)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != len(shape):
@@ -149,6 +209,8 @@ def check_tensor(name: str, t, *, shape: tuple, like: torch.Tensor, dtype=None) 
         raise ValueError(f"{name} must be on {like.device}, got {t.device}")
     if dtype is not None and t.dtype not in (dtype if isinstance(dtype, tuple) else (dtype,)):
         raise TypeError(f"{name} has dtype {t.dtype}; expected {dtype}")
+    if finite:
+        check_finite(name, t)
 
 
 def _fmt(shape: tuple) -> str:

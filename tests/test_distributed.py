@@ -95,7 +95,8 @@ CASES = [
     Case("dense", False, zigzag=False, params={"softcap": 5.0}),
     Case("dense", True, lengths=(64, N)),
     Case("dense", False, heads=(2, 2), lengths=(64, N)),
-    Case("block_sparse", True, params={"block_size": 16}, extra="block_mask", flags={"return_block_mask": True}),
+    Case("block_sparse", True, params={"block_size": 16, "softcap": 5.0}, extra="block_mask",
+         flags={"return_block_mask": True}),
     Case("block_sparse", False, zigzag=False, params={"block_size": 16}, extra="block_mask"),
     Case("block_sparse", True, params={"block_size": 16}, heads=(2, 1), lengths=(64, 64), extra="block_mask",
          backend="triton", worlds=(2,)),
@@ -247,6 +248,7 @@ def run_errors() -> dict:
         "uneven": _error_of(lambda: shard_sequence(x, zigzag=False)),
         "off_blocks": _error_of(lambda: xattention(local, local, local, causal=True, backend="torch")),
         "odd_shard": _error_of(lambda: context_parallel("dense")(x[:, :, :7], x[:, :, :7], x[:, :, :7])),
+        "window": _error_of(lambda: context_parallel("dense", window_size=(8, 0))(local, local, local, causal=True)),
     }
 
 
@@ -410,12 +412,13 @@ def test_dense_matches_a_float64_softmax(distributed_runs, world):
 
 
 @pytest.mark.parametrize("world", WORLD_SIZES)
-def test_uneven_lengths_are_refused_with_the_length_and_world_size(distributed_runs, world):
+def test_uneven_lengths_and_unsupported_parameters_are_refused(distributed_runs, world):
     errors = distributed_runs[world][0]["errors"]
     assert "99" in errors["uneven"] and f"world size {world}" in errors["uneven"], errors["uneven"]
     assert "128" in errors["off_blocks"] and f"world size {world}" in errors["off_blocks"], errors["off_blocks"]
     assert "block size 64" in errors["off_blocks"], errors["off_blocks"]
     assert f"{7 * world}" in errors["odd_shard"] and f"world size {world}" in errors["odd_shard"], errors["odd_shard"]
+    assert "window_size" in errors["window"] and "default" in errors["window"], errors["window"]
 
 
 @pytest.mark.parametrize("world", WORLD_SIZES)

@@ -12,6 +12,7 @@ skipped with the reason recorded. `test_representative_models` runs a few of eac
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 import re
 import sys
@@ -109,9 +110,10 @@ def build(model_type: str):
         raise Skip(f"transformers has no {class_name}")
     model = _build(model_type, model_class, layers=2)
     if not hf.attention_layers(model):
-        model = _build(model_type, model_class, layers=4)
+        with contextlib.suppress(Skip):
+            model = _build(model_type, model_class, layers=4)
     if not hf.attention_layers(model):
-        raise Skip("its attention does not go through the AttentionInterface (in a 4-layer model)")
+        raise Skip("its attention does not go through the AttentionInterface (with 2 or 4 layers)")
     return kind, model
 
 
@@ -159,12 +161,10 @@ def outputs(model, kind: str) -> dict[str, torch.Tensor]:
     got = {}
     with torch.no_grad():
         for side, (ids, mask) in batches().items():
-            if kind == "seq2seq":
-                logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :5]).logits
-                got[side] = logits
+            if kind == "seq2seq":  # every decoder token is real
+                got[side] = model(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :5]).logits
             else:
-                logits = model(input_ids=ids, attention_mask=mask).logits
-                got[side] = logits[mask.bool()]
+                got[side] = model(input_ids=ids, attention_mask=mask).logits[mask.bool()]
         if kind != "masked":
             ids, mask = batches()["left"]
             got["generate"] = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
@@ -187,9 +187,11 @@ def check(model_type: str) -> Outcome:
         return Outcome("skipped", "not finite in fp32 at the tiny size")
     try:
         hf.patch(model, "dense", backend="torch")
+        calls = _count_calls(model)
         got = outputs(model, kind)
     except (NotImplementedError, ValueError) as e:
         return Outcome("refused", _refusal(e, model))
+    assert all(calls.values()), f"{model_type}: patched layers never ran: {[w for w, n in calls.items() if not n]}"
     for name, expected in want.items():
         if expected.is_floating_point():
             torch.testing.assert_close(got[name], expected, atol=1e-5 * expected.abs().max().item(), rtol=0,
@@ -197,6 +199,20 @@ def check(model_type: str) -> Outcome:
         else:
             assert torch.equal(got[name], expected), f"{model_type}: greedy tokens differ"
     return Outcome("matches", "")
+
+
+def _count_calls(model) -> dict[str, int]:
+    """Calls per patched layer (its index and class; a decoder-only model's unused cross-attention shares them
+    with its self-attention), counted from now on: a match counts only if every one ran."""
+    calls = {}
+
+    def count(layer, args, out):
+        calls[layer.where] += 1
+
+    for _, module in hf.attention_layers(model):
+        calls[module.attnzoo.where] = 0
+        module.attnzoo.register_forward_hook(count)
+    return calls
 
 
 def _refusal(error: Exception, model) -> str:

@@ -17,7 +17,7 @@ from attnzoo.reference import exact_output
 from attnzoo.reference import wersa as oracle
 from linear_helpers import BACKENDS, FP32_TOL, rel_err, qkv
 
-PARAMS = {"levels": 2, "num_features": 256, "gains": None, "bandwidth": 1.0, "seed": 0}  # the registry's defaults
+PARAMS = {"levels": 2, "num_features": 256, "gains": None, "seed": 0}  # the registry's defaults
 
 
 def _exact(q, k, v, **params):
@@ -70,10 +70,10 @@ def test_band_gains_act_linearly():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_unit_gains_are_random_feature_attention(backend):
     q, k, v = qkv(seed=1)
-    m, bandwidth = 32, 1.7
-    out = attnzoo.get("wersa", num_features=m, bandwidth=bandwidth, chunk_size=16)(q, k, v, backend=backend)
+    m = 32
+    out = attnzoo.get("wersa", num_features=m, chunk_size=16)(q, k, v, backend=backend)
     omega = oracle.omega(16, m, 0)  # standard Gaussian from torch.Generator().manual_seed(0)
-    phi_q, phi_k = (torch.relu(F.gelu(x.double()) @ omega / bandwidth) / math.sqrt(m) for x in (q, k))
+    phi_q, phi_k = (torch.relu(F.gelu(x.double()) @ omega) / math.sqrt(m) for x in (q, k))
     scores = phi_q @ phi_k.transpose(-1, -2)
     assert rel_err(out, scores @ v.double() / (scores.sum(-1, keepdim=True) + 1e-6)) < FP32_TOL
 
@@ -85,7 +85,7 @@ def test_matches_quadratic_reference_with_gradients(backend, gain_shape):
     B, _, N, _ = q.shape
     gen = torch.Generator().manual_seed(3)
     gains = torch.rand(3, generator=gen) + 0.5 if gain_shape == "per_band" else torch.rand(B, N, 3, generator=gen)
-    params = dict(levels=2, num_features=32, bandwidth=0.8, seed=7)
+    params = dict(levels=2, num_features=32, seed=7)
     leaves = [x.clone().requires_grad_() for x in (q, k, v, gains)]
     ref_leaves = [x.double().requires_grad_() for x in (q, k, v, gains)]
     out = attnzoo.get("wersa", chunk_size=16, **params)(*leaves[:3], gains=leaves[3], backend=backend)
@@ -100,13 +100,13 @@ def test_matches_quadratic_reference_with_gradients(backend, gain_shape):
 
 @given(batch=st.integers(1, 2), heads=st.integers(1, 2), n=st.integers(1, 40), dv=st.sampled_from([16, 24]),
        levels=st.integers(0, 3), per_token=st.booleans(), features=st.sampled_from([16, 64]),
-       bandwidth=st.floats(0.5, 2.0), backend=st.sampled_from(BACKENDS), seed=st.integers(0, 2**31 - 1))
+       backend=st.sampled_from(BACKENDS), seed=st.integers(0, 2**31 - 1))
 @settings()
-def test_equals_the_oracle(batch, heads, n, dv, levels, per_token, features, bandwidth, backend, seed):
+def test_equals_the_oracle(batch, heads, n, dv, levels, per_token, features, backend, seed):
     q, k, v = qkv(B=batch, H=heads, N=n, D=16, Dv=dv, seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)
     gains = torch.rand((batch, n, levels + 1) if per_token else (levels + 1,), generator=gen) + 0.25
-    params = dict(levels=levels, num_features=features, bandwidth=bandwidth, seed=seed % 7)
+    params = dict(levels=levels, num_features=features, seed=seed % 7)
     out = attnzoo.get("wersa", chunk_size=16, **params)(q, k, v, gains=gains, backend=backend)
     assert rel_err(out, _exact(q, k, v, gains=gains, **params), floor=1.0) < FP32_TOL  # N = 1 may give 0
 
@@ -149,8 +149,8 @@ def test_invalid_calls_raise_and_say_why():
         wersa_module.wersa(q, k, v, causal=True, scale=1.0, backend="torch")
     with pytest.raises(ValueError, match=r"gains has shape \(2, 8, 2\)"):
         attnzoo.get("wersa")(q, k, v, gains=torch.rand(2, 8, 2))
-    with pytest.raises(ValueError, match="bandwidth"):
-        attnzoo.get("wersa", bandwidth=0.0)(q, k, v)
+    with pytest.raises(TypeError, match="unknown parameter.*bandwidth"):
+        attnzoo.get("wersa", bandwidth=2.0)  # it had no effect (relu is positively homogeneous): removed
     with pytest.raises(ValueError, match="levels"):
         attnzoo.get("wersa", levels=-1)(q, k, v)
     with pytest.raises(ValueError, match="decoding step"):

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from ..api import Method, get
 from ..ops.dispatch import resolve as resolve_backend
 from ..validation import check_causal, check_qkv, resolve_scale
 from .flash_family import FLASH_METHODS
-from .layout import Layout
+from .layout import Layout, check_zigzag
 from .linear_family import LINEAR_METHODS
 
 CONTEXT_PARALLEL_METHODS = {**FLASH_METHODS, **LINEAR_METHODS}
@@ -24,27 +26,49 @@ class ContextParallel:
         if method.name not in CONTEXT_PARALLEL_METHODS:
             raise ValueError(f"context_parallel supports {', '.join(sorted(CONTEXT_PARALLEL_METHODS))}; "
                              f"got {method.name!r}")
-        if not isinstance(zigzag, bool):
-            raise TypeError(f"zigzag must be a bool, got {type(zigzag).__name__}")
-        self.method, self.group, self.zigzag = method, group, zigzag
+        self.method, self.group, self.zigzag = method, group, check_zigzag(zigzag)
         self._run = CONTEXT_PARALLEL_METHODS[method.name]
+        self._implemented = set(inspect.signature(self._run).parameters)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool | None = None,
                  scale: float | None = None, backend: str = "auto", **kwargs):
         info = self.method.info
-        if causal is None:
+        if causal is None:  # the method's natural default, as attnzoo.get's callable has it
             causal = not info.supports.non_causal
         check_causal(causal, info=info)
         check_qkv(q, k, v, info=info)
         scale = resolve_scale(scale, q.shape[-1])
         bound = get(info.name, **{**self.method.params, **kwargs})  # raises TypeError on an unknown keyword
-        inputs = {name: value for name, value in kwargs.items() if name not in info.params}
+        params = self._implemented_params(bound.params)
+        inputs = self._implemented_inputs({name: value for name, value in kwargs.items() if name not in info.params})
         backend = resolve_backend(backend, q.device, info.supports.backends, info.name)
         layout = Layout.of(self.group, self.zigzag)
-        return self._run(q, k, v, causal=causal, scale=scale, backend=backend, layout=layout, **bound.params, **inputs)
+        return self._run(q, k, v, causal=causal, scale=scale, backend=backend, layout=layout, **params, **inputs)
+
+    def _implemented_params(self, params: dict) -> dict:
+        """The parameters the context-parallel form takes; any other must keep its registry default."""
+        defaults = self.method.info.params
+        for name, value in params.items():
+            if name not in self._implemented and not _is_default(value, defaults[name]):
+                raise ValueError(f"context_parallel({self.method.name!r}) supports {name} only at its default "
+                                 f"{defaults[name]!r}, got {name}={value!r}")
+        return {name: value for name, value in params.items() if name in self._implemented}
+
+    def _implemented_inputs(self, inputs: dict) -> dict:
+        """The inputs and output flags the context-parallel form takes; any other must be None."""
+        refused = sorted(name for name, value in inputs.items() if name not in self._implemented and value is not None)
+        if refused:
+            raise ValueError(f"context_parallel({self.method.name!r}) does not take {', '.join(refused)}")
+        return {name: value for name, value in inputs.items() if name in self._implemented}
 
     def __repr__(self) -> str:
         return f"context_parallel({self.method!r}, zigzag={self.zigzag})"
+
+
+def _is_default(value, default) -> bool:
+    if isinstance(default, (list, tuple)):  # registry lists, user tuples: window_size=(-1, -1)
+        return isinstance(value, (list, tuple)) and list(value) == list(default)
+    return value == default
 
 
 def context_parallel(name_or_method: str | Method, group=None, zigzag: bool = True, **params) -> ContextParallel:

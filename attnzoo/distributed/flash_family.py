@@ -20,7 +20,7 @@ from ..methods import seerattention as _seer
 from ..methods import sparsed as _sparsed
 from ..methods import xattention as _xattention
 from ..ops.flash import max_head_dim
-from ..validation import check_softcap, check_window
+from ..validation import check_softcap
 from .layout import Layout, gather, global_stand_in, shard
 from .ring import RingSpec, ring_attention
 
@@ -62,46 +62,49 @@ def _stand_ins(q, k, layout: Layout):
     return global_stand_in(q, n), global_stand_in(k, m)
 
 
-def dense(q, k, v, *, causal, scale, backend, layout, window_size=(-1, -1), softcap=0.0, return_lse=False):
-    if check_window(window_size) != (-1, -1):
-        raise ValueError(f"context_parallel('dense') supports window_size=(-1, -1) only, got {window_size!r}")
+def dense(q, k, v, *, causal, scale, backend, layout, softcap=0.0, return_lse=False):
     out, lse = _ring(q, k, v, layout=layout, backend=backend, causal=causal, scale=scale,
                      softcap=check_softcap(softcap))
     return (out, lse) if return_lse else out
 
 
-def block_sparse(q, k, v, *, causal, scale, backend, layout, block_size=128, block_mask=None,
+def block_sparse(q, k, v, *, causal, scale, backend, layout, block_size=128, block_mask=None, softcap=0.0,
                  return_block_mask=False):
     """`block_mask` is the global mask (every rank passes the same, unsharded)."""
     block_mask = _block_sparse.as_block_mask(block_mask, block_size, *_stand_ins(q, k, layout))
-    out, _ = _ring(q, k, v, layout=layout, backend=backend, causal=causal, scale=scale, block_mask=block_mask)
+    out, _ = _ring(q, k, v, layout=layout, backend=backend, causal=causal, scale=scale,
+                   softcap=check_softcap(softcap), block_mask=block_mask)
     return (out, block_mask) if return_block_mask else out
 
 
-def s2(q, k, v, *, causal, scale, backend, layout, return_block_mask=False, **pattern):
-    """`pattern`: the S2 parameters of `attnzoo.methods.s2.s2_block_mask`, built for the global lengths."""
+def s2(q, k, v, *, causal, scale, backend, layout, block_size=64, local_blocks=16, vert_stride=8, homo_head=False,
+       num_dense_heads=0, head_sliding_offset=0, head_sliding_step=None, softcap=0.0, return_block_mask=False):
     n, m = _global_lengths(q, k, layout)
-    pattern["homo_head"] = bool(pattern["homo_head"])
-    block_mask = _s2.s2_block_mask(n, m, q.shape[1], k.shape[1], **pattern, causal=causal, device=q.device)
-    out, _ = _ring(q, k, v, layout=layout, backend=backend, causal=causal, scale=scale, block_mask=block_mask)
+    block_mask = _s2.s2_block_mask(n, m, q.shape[1], k.shape[1], block_size=block_size, local_blocks=local_blocks,
+                                   vert_stride=vert_stride, homo_head=bool(homo_head), num_dense_heads=num_dense_heads,
+                                   head_sliding_offset=head_sliding_offset, causal=causal, device=q.device,
+                                   head_sliding_step=head_sliding_step)
+    out, _ = _ring(q, k, v, layout=layout, backend=backend, causal=causal, scale=scale,
+                   softcap=check_softcap(softcap), block_mask=block_mask)
     if return_block_mask:  # a copy: the cached pattern serves later calls
         return out, BlockMask(block_mask.mask.clone(), block_mask.block_size)
     return out
 
 
 def xattention(q, k, v, *, causal, scale, backend, layout, stride=8, threshold=0.9, block_size=128,
-               selection="attnzoo", chunk_size=None, return_block_mask=False):
+               selection="attnzoo", chunk_size=None, softcap=0.0, return_block_mask=False):
     block_q, block_k = _xattention.check_params(stride, threshold, block_size, selection, chunk_size)
     q_all, k_all = _gathered(q, k, layout)
     block_mask = _xattention.select_blocks(q_all, k_all, stride=stride, threshold=float(threshold), block_q=block_q,
                                            block_k=block_k, scale=scale, causal=causal, backend=backend,
                                            selection=selection, chunk_size=chunk_size)
-    out, _ = _ring(q, k, v, layout=layout, backend=backend, causal=causal, scale=scale, block_mask=block_mask)
+    out, _ = _ring(q, k, v, layout=layout, backend=backend, causal=causal, scale=scale,
+                   softcap=check_softcap(softcap), block_mask=block_mask)
     return (out, block_mask) if return_block_mask else out
 
 
 def seerattention(q, k, v, *, causal, scale, backend, layout, gate=None, threshold=None, topk_ratio=None,
-                  block_size=64, last_blocks_dense=2, return_block_mask=False):
+                  block_size=64, last_blocks_dense=2, softcap=0.0, return_block_mask=False):
     """`gate`: None (oracle scores) or an AttnGate (both read the gathered q, k), or global scores
     (B|1, Hq|1, nQB, nKB), unsharded, which need no gather."""
     _seer._check_selection(threshold, topk_ratio, block_size, last_blocks_dense)
@@ -111,12 +114,13 @@ def seerattention(q, k, v, *, causal, scale, backend, layout, gate=None, thresho
     keep = _seer.select_blocks(scores, n, m, block_size=block_size, causal=causal, threshold=threshold,
                                topk_ratio=topk_ratio, last_blocks_dense=last_blocks_dense)
     block_mask = BlockMask(keep, block_size)
-    out, _ = _ring(q, k, v, layout=layout, backend=backend, causal=causal, scale=scale, block_mask=block_mask)
+    out, _ = _ring(q, k, v, layout=layout, backend=backend, causal=causal, scale=scale,
+                   softcap=check_softcap(softcap), block_mask=block_mask)
     return (out, block_mask) if return_block_mask else out
 
 
 def sparsed(q, k, v, *, causal, scale, backend, layout, select=0.3, block_size=128, skip=0.2, step=None,
-            total_steps=None, cache=None, gen_len=None, return_block_mask=False):
+            total_steps=None, cache=None, gen_len=None, softcap=0.0, return_block_mask=False):
     """SparseD's schedule as on one device: `cache` (one dict per layer, on every rank) stores the
     global pattern made at step t*."""
     if causal:
@@ -138,7 +142,8 @@ def sparsed(q, k, v, *, causal, scale, backend, layout, select=0.3, block_size=1
     else:
         q_stand_in, k_stand_in = _stand_ins(q, k, layout)
         block_mask = _sparsed._scheduled_pattern(q_stand_in, k_stand_in, step, total_steps, skip, cache, pattern)
-    out, _ = _ring(q, k, v, layout=layout, backend=backend, causal=False, scale=scale, block_mask=block_mask)
+    out, _ = _ring(q, k, v, layout=layout, backend=backend, causal=False, scale=scale,
+                   softcap=check_softcap(softcap), block_mask=block_mask)
     if return_block_mask:
         return out, block_mask if block_mask is not None else _sparsed._all_blocks(n, m, block_q, block_k, q.device)
     return out

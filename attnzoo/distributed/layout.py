@@ -16,6 +16,13 @@ import torch
 import torch.distributed as dist
 
 
+def check_zigzag(zigzag) -> bool:
+    if not isinstance(zigzag, bool):
+        raise TypeError(f"zigzag must be a bool (True: rank r holds chunks r and 2W - 1 - r), "
+                        f"got {type(zigzag).__name__}")
+    return zigzag
+
+
 @dataclass(frozen=True)
 class Layout:
     """The chunks of one process group's sequence layout."""
@@ -27,8 +34,7 @@ class Layout:
 
     @classmethod
     def of(cls, group, zigzag: bool) -> Layout:
-        if not isinstance(zigzag, bool):
-            raise TypeError(f"zigzag must be a bool, got {type(zigzag).__name__}")
+        check_zigzag(zigzag)
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("attnzoo.distributed needs torch.distributed initialised "
                                "(torch.distributed.init_process_group, or run under torchrun)")

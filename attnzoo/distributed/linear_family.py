@@ -171,13 +171,12 @@ def _check_wersa_chunks(n: int, layout: Layout, levels: int, gains) -> None:
                          f"parallelism; got length {n} over world size {layout.world} (shards of {local})")
 
 
-def wersa(q, k, v, *, causal, scale, backend, layout, levels=2, num_features=256, gains=None, bandwidth=1.0, seed=0,
-          chunk_size=None):
+def wersa(q, k, v, *, causal, scale, backend, layout, levels=2, num_features=256, gains=None, seed=0, chunk_size=None):
     """`gains` (L+1,) is the same on every rank; a series (B, N, L+1) is sharded along dim 1."""
-    _wersa.check_wersa_args(q, k, causal, levels, num_features, gains, bandwidth)
+    levels, num_features, seed = _wersa.check_wersa_args(q, k, causal, levels, num_features, gains, seed)
     _check_wersa_chunks(q.shape[2] * layout.world, layout, levels, gains)
     omega = _wersa.wersa_omega(q.shape[-1], num_features, seed, dtype=q.dtype, device=q.device)
-    phi_q, phi_k = (_wersa.random_features(_wersa.wavelet_filter(x, levels, gains), omega, bandwidth) for x in (q, k))
+    phi_q, phi_k = (_wersa.random_features(_wersa.wavelet_filter(x, levels, gains), omega) for x in (q, k))
     out, _ = state_passing(_chunked(layout, phi_q, phi_k, v), layout, causal=False, normalize=True, scale=1.0,
                            backend=backend, eps=_wersa._EPS, chunk_size=chunk_size)
     return out

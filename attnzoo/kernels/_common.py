@@ -112,6 +112,18 @@ def _online_softmax(s, row_max, MAY_BE_EMPTY: tl.constexpr):
     return tl.exp2(s - safe_max[:, None]), tl.exp2(row_max - safe_max), new_max
 
 
+@triton.jit
+def _masked_pv(acc, p, v, keep, PRECISION: tl.constexpr):
+    """acc + p @ v over a masked tile, where a masked pair adds nothing even when its value is NaN or inf
+    (p = 0 there, and 0 * NaN is NaN): non-finite values enter the product as 0, and the (row, column)
+    entries that see one through a visible pair become NaN, as the product would make them.
+    p, keep (R, C); v (C, Dv) in its dtype; acc (R, Dv) fp32."""
+    finite = (v == v) & (tl.abs(v) != float("inf"))
+    acc += _dot(p.to(v.dtype), tl.where(finite, v, 0.0).to(v.dtype), PRECISION)
+    hits = _dot(keep.to(v.dtype), tl.where(finite, 0.0, 1.0).to(v.dtype), PRECISION)
+    return tl.where(hits > 0, float("nan"), acc)
+
+
 # ----------------------------------------------------------------------------------------------
 # Masks
 # ----------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (LN2, LOG2E, _add_rows, _dot, _head, _load_row_stats, _load_rows, _online_softmax,
+from ._common import (LN2, LOG2E, _add_rows, _dot, _head, _load_row_stats, _load_rows, _masked_pv, _online_softmax,
                       _partner_tiles, _scores_log2, _softcap_grad, _store_rows, _visible)
 from ._config import (dot_precision, fixed_tile, interpret_tile, new_output, next_pow2, prune_for_device,
                       triton_interpreting)
@@ -92,7 +92,10 @@ def _fwd_tile(acc, row_sum, row_max, start_n, MASKED: tl.constexpr,
         s = tl.where(keep, s, float("-inf"))
     p, alpha, row_max = _online_softmax(s, row_max, MASKED)  # only a masked tile can leave a row empty
     v = _load_kv(V, start_n, offs_n, stride_vn, M, offs_dv, stride_vd, DV, TMA)  # (BLOCK_N, BLOCK_DV)
-    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
+    if MASKED:  # a masked key's NaN / inf value must not reach the rows that do not see it
+        acc = _masked_pv(acc * alpha[:, None], p, v, keep, PRECISION)
+    else:
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
     return acc, row_sum * alpha + tl.sum(p, 1), row_max
 
 

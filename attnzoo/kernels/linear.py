@@ -12,11 +12,20 @@ are an element-wise (BT, BT, BK) tile in fp32; without one they are a tl.dot. No
 the final state for every chunk (PER_CHUNK off), skip the intra-chunk term and store no per-chunk states.
 
 Kernels (constexpr switches GATED, CAUSAL, STORE_CHUNKS, HAS_INITIAL, HAS_DFINAL; one kernel per role):
-    _states_fwd   grid (K/BK, V/BV, B*H)   h_n for every chunk and the final state
-    _output_fwd   grid (V/BV, NT, B*H)     o
-    _states_bwd   grid (K/BK, V/BV, B*H)   dh_n (gradient of the state after chunk n) and dh0
-    _dqk_bwd      grid (K/BK, NT, B*H)     dq, dk
-    _dv_bwd       grid (V/BV, NT, B*H)     dv
+    _states_fwd   grid (K/BK, V/BV, B*Hk)  h_n for every chunk and the final state
+    _output_fwd   grid (V/BV, NT, B*Hq)    o
+    _states_bwd   grid (K/BK, V/BV, B*Hk)  dh_n (gradient of the state after chunk n) and dh0
+    _dqk_bwd      grid (K/BK, NT, B*Hk)    dq, dk
+    _dv_bwd       grid (V/BV, NT, B*Hk)    dv
+GQA by index arithmetic: k, v, g and the states are per kv head, q, dout, o and dq per query head; the
+G = Hq / Hk query heads of kv head `kv` are kv * G + member (flattened (B, H) rows), so query row bh
+reads kv row bh // G. Programs of a kv head loop over its G query heads: no k or v is repeated and
+the group's gradient sums need no atomics.
+
+Causal isolation: inside a chunk o = A v with A lower triangular; a masked A[j, i] = 0 times a NaN or inf
+v_i would still be NaN, so the intra-chunk product takes non-finite values as 0 and sets to NaN the
+(row, column) entries at or after them (_intra_values): what the recurrence gives.
+
 All tensors are contiguous (B, H, N, D) or (B, H, NT, K, V); launchers make them so.
 """
 
@@ -130,6 +139,18 @@ def _intra_scores(q_tile, k_tile, gam, causal_mask, GATED: tl.constexpr, ELEM: t
 
 
 @triton.jit
+def _intra_values(scores, v_tile, ELEM: tl.constexpr, PRECISION: tl.constexpr):
+    """scores @ v_tile for the (BT, BT) causally masked intra-chunk scores and v (BT, BV), with v's
+    NaN / inf kept out of the earlier rows: they enter the product as 0, and every entry (j, c) with a
+    non-finite v[i, c] at i <= j is NaN (tl.cumsum along the chunk)."""
+    v32 = v_tile.to(tl.float32)
+    finite = (v32 == v32) & (tl.abs(v32) != float("inf"))
+    out = _mm(scores, tl.where(finite, v_tile, 0.0).to(v_tile.dtype), ELEM, PRECISION)
+    seen = tl.cumsum(tl.where(finite, 0.0, 1.0), axis=0)
+    return tl.where(seen > 0, float("nan"), out)
+
+
+@triton.jit
 def _states_fwd(k, v, g, h0, chunk_states, final_state, N, K, V, NT,
                 BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr,
                 HAS_INITIAL: tl.constexpr, STORE_CHUNKS: tl.constexpr, PRECISION: tl.constexpr):
@@ -156,12 +177,13 @@ def _states_fwd(k, v, g, h0, chunk_states, final_state, N, K, V, NT,
 
 
 @triton.jit
-def _output_fwd(q, k, v, g, states, out, scale, N, K, V, NT,
+def _output_fwd(q, k, v, g, states, out, scale, N, K, V, NT, G,
                 BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr,
                 CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
-    # q, k (BH, N, K), v (BH, N, V), g (BH, N, K) | None,
-    # states (BH, NT, K, V) fp32 [causal] or (BH, K, V) final state [non-causal] -> out (BH, N, V) fp32
+    # q (BHq, N, K), k (BHk, N, K), v (BHk, N, V), g (BHk, N, K) | None,
+    # states (BHk, NT, K, V) fp32 [causal] or (BHk, K, V) final state [non-causal] -> out (BHq, N, V) fp32
     i_v, n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    kv = bh // G
     vals, t = i_v * BV + tl.arange(0, BV), tl.arange(0, BT)
     ELEM: tl.constexpr = q.dtype.element_ty
     rows = n * BT + t
@@ -171,115 +193,133 @@ def _output_fwd(q, k, v, g, states, out, scale, N, K, V, NT,
     for kb in range(0, tl.cdiv(K, BK)):
         keys = kb * BK + tl.arange(0, BK)
         q_tile = _load_operand(q, bh, rows, keys, N, K, PRECISION)
-        gam, _ = _chunk_log_decay(g, bh, rows, keys, N, K, GATED)
+        gam, _ = _chunk_log_decay(g, kv, rows, keys, N, K, GATED)
         if CAUSAL:
-            scores += _intra_scores(q_tile, _load_operand(k, bh, rows, keys, N, K, PRECISION), gam, causal_mask, GATED,
+            scores += _intra_scores(q_tile, _load_operand(k, kv, rows, keys, N, K, PRECISION), gam, causal_mask, GATED,
                                     ELEM, PRECISION)
         if GATED:
             q_tile = q_tile.to(tl.float32) * tl.exp(gam)
-        inter += _mm(q_tile, _load_state(states, bh, n, NT, keys, vals, K, V, CAUSAL), ELEM, PRECISION)
+        inter += _mm(q_tile, _load_state(states, kv, n, NT, keys, vals, K, V, CAUSAL), ELEM, PRECISION)
     if CAUSAL:
         scores = tl.where(causal_mask, scores, 0.0)
-        inter += _mm(scores, _load_operand(v, bh, rows, vals, N, V, PRECISION), ELEM, PRECISION)
+        inter += _intra_values(scores, _load_operand(v, kv, rows, vals, N, V, PRECISION), ELEM, PRECISION)
     _store_tile(out, scale * inter, bh, rows, vals, N, V)
 
 
 @triton.jit
-def _states_bwd(q, g, dout, dfinal, dstates, dh0, scale, N, K, V, NT,
+def _states_bwd(q, g, dout, dfinal, dstates, dh0, scale, N, K, V, NT, G,
                 BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr,
                 HAS_DFINAL: tl.constexpr, STORE_CHUNKS: tl.constexpr, PRECISION: tl.constexpr):
-    # q (BH, N, K), g (BH, N, K) | None, dout (BH, N, V), dfinal (BH, K, V) fp32 | None
-    # -> dstates (BH, NT, K, V) fp32: gradient of the state after chunk n (only with STORE_CHUNKS);
-    #    dh0 (BH, K, V) fp32: gradient of the initial state = of the total state when non-causal
-    i_k, i_v, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    # q (BHq, N, K), g (BHk, N, K) | None, dout (BHq, N, V), dfinal (BHk, K, V) fp32 | None
+    # -> dstates (BHk, NT, K, V) fp32: gradient of the state after chunk n (only with STORE_CHUNKS);
+    #    dh0 (BHk, K, V) fp32: gradient of the initial state = of the total state when non-causal.
+    # One program per kv head: the G query heads that read its state add their terms.
+    i_k, i_v, kv = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     keys, vals, t = i_k * BK + tl.arange(0, BK), i_v * BV + tl.arange(0, BV), tl.arange(0, BT)
     ELEM: tl.constexpr = q.dtype.element_ty
     dh = tl.zeros([BK, BV], dtype=tl.float32)  # (BK, BV)
     if HAS_DFINAL:
-        dh = _load_state(dfinal, bh, 0, NT, keys, vals, K, V, False)
+        dh = _load_state(dfinal, kv, 0, NT, keys, vals, K, V, False)
     for r in range(0, NT):
         n = NT - 1 - r
         if STORE_CHUNKS:
-            _store_state(dstates, dh, bh, n, NT, keys, vals, K, V, True)
+            _store_state(dstates, dh, kv, n, NT, keys, vals, K, V, True)
         rows = n * BT + t
-        q_tile = _load_operand(q, bh, rows, keys, N, K, PRECISION)
+        gam, last = _chunk_log_decay(g, kv, rows, keys, N, K, GATED)
         if GATED:
-            gam, last = _chunk_log_decay(g, bh, rows, keys, N, K, GATED)
-            q_tile = q_tile.to(tl.float32) * tl.exp(gam)
             dh = dh * tl.exp(last)[:, None]
-        dh += scale * _mm(tl.trans(q_tile), _load_operand(dout, bh, rows, vals, N, V, PRECISION), ELEM, PRECISION)
-    _store_state(dh0, dh, bh, 0, NT, keys, vals, K, V, False)
+        for member in range(0, G):
+            bh = kv * G + member
+            q_tile = _load_operand(q, bh, rows, keys, N, K, PRECISION)
+            if GATED:
+                q_tile = q_tile.to(tl.float32) * tl.exp(gam)
+            dh += scale * _mm(tl.trans(q_tile), _load_operand(dout, bh, rows, vals, N, V, PRECISION), ELEM, PRECISION)
+    _store_state(dh0, dh, kv, 0, NT, keys, vals, K, V, False)
 
 
 @triton.jit
-def _dqk_bwd(q, k, v, g, states, dstates, dout, dq, dk, scale, N, K, V, NT,
+def _dqk_bwd(q, k, v, g, states, dstates, dout, dq, dk, scale, N, K, V, NT, G,
              BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr,
              CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
-    # q, k (BH, N, K), v, dout (BH, N, V), g (BH, N, K) | None; states / dstates (BH, NT, K, V) fp32
-    # [causal] or the final state / dh0 (BH, K, V) [non-causal] -> dq, dk (BH, N, K) fp32
-    i_k, n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    # q, dout (BHq, N, .), k (BHk, N, K), v (BHk, N, V), g (BHk, N, K) | None; states / dstates
+    # (BHk, NT, K, V) fp32 [causal] or the final state / dh0 (BHk, K, V) [non-causal]
+    # -> dq (BHq, N, K), dk (BHk, N, K) fp32. One program per kv head: dq of each of its G query heads,
+    # and dk summed over them.
+    i_k, n, kv = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     keys, t = i_k * BK + tl.arange(0, BK), tl.arange(0, BT)
     ELEM: tl.constexpr = q.dtype.element_ty
     rows = n * BT + t
     causal_mask = t[:, None] >= t[None, :]
-    d_scores = tl.zeros([BT, BT], dtype=tl.float32)
-    dq_inter = tl.zeros([BT, BK], dtype=tl.float32)
     dk_inter = tl.zeros([BT, BK], dtype=tl.float32)
     for vb in range(0, tl.cdiv(V, BV)):
         vals = vb * BV + tl.arange(0, BV)
-        do_tile = _load_operand(dout, bh, rows, vals, N, V, PRECISION)
-        v_tile = _load_operand(v, bh, rows, vals, N, V, PRECISION)
-        h_tile = _load_state(states, bh, n, NT, keys, vals, K, V, CAUSAL)  # (BK, BV)
-        dh_tile = _load_state(dstates, bh, n, NT, keys, vals, K, V, CAUSAL)
-        if CAUSAL:
-            d_scores += _mm(do_tile, tl.trans(v_tile), ELEM, PRECISION)
-        dq_inter += _mm(do_tile, tl.trans(h_tile), ELEM, PRECISION)
+        v_tile = _load_operand(v, kv, rows, vals, N, V, PRECISION)
+        dh_tile = _load_state(dstates, kv, n, NT, keys, vals, K, V, CAUSAL)  # (BK, BV)
         dk_inter += _mm(v_tile, tl.trans(dh_tile), ELEM, PRECISION)
-    q_tile, k_tile = _load_operand(q, bh, rows, keys, N, K, PRECISION), _load_operand(k, bh, rows, keys, N, K, PRECISION)
+    k_tile = _load_operand(k, kv, rows, keys, N, K, PRECISION)
+    gam, last = _chunk_log_decay(g, kv, rows, keys, N, K, GATED)
     if GATED:
-        gam, last = _chunk_log_decay(g, bh, rows, keys, N, K, GATED)
-        dq_inter = dq_inter * tl.exp(gam)
         dk_inter = dk_inter * tl.exp(last[None, :] - gam)
-    if CAUSAL:
-        d_scores = tl.where(causal_mask, d_scores, 0.0)
+    for member in range(0, G):
+        bh = kv * G + member
+        d_scores = tl.zeros([BT, BT], dtype=tl.float32)
+        dq_inter = tl.zeros([BT, BK], dtype=tl.float32)
+        for vb in range(0, tl.cdiv(V, BV)):
+            vals = vb * BV + tl.arange(0, BV)
+            do_tile = _load_operand(dout, bh, rows, vals, N, V, PRECISION)
+            if CAUSAL:
+                d_scores += _mm(do_tile, tl.trans(_load_operand(v, kv, rows, vals, N, V, PRECISION)), ELEM, PRECISION)
+            dq_inter += _mm(do_tile, tl.trans(_load_state(states, kv, n, NT, keys, vals, K, V, CAUSAL)), ELEM,
+                            PRECISION)
+        q_tile = _load_operand(q, bh, rows, keys, N, K, PRECISION)
         if GATED:
-            weighted = d_scores[:, :, None] * _decay_tile(gam, causal_mask)
-            dq_inter += tl.sum(weighted * k_tile.to(tl.float32)[None, :, :], axis=1)
-            dk_inter += scale * tl.sum(weighted * q_tile.to(tl.float32)[:, None, :], axis=0)
-        else:
-            dq_inter += _mm(d_scores, k_tile, ELEM, PRECISION)
-            dk_inter += scale * _mm(tl.trans(d_scores), q_tile, ELEM, PRECISION)
-    _store_tile(dq, scale * dq_inter, bh, rows, keys, N, K)
-    _store_tile(dk, dk_inter, bh, rows, keys, N, K)
+            dq_inter = dq_inter * tl.exp(gam)
+        if CAUSAL:
+            d_scores = tl.where(causal_mask, d_scores, 0.0)
+            if GATED:
+                weighted = d_scores[:, :, None] * _decay_tile(gam, causal_mask)
+                dq_inter += tl.sum(weighted * k_tile.to(tl.float32)[None, :, :], axis=1)
+                dk_inter += scale * tl.sum(weighted * q_tile.to(tl.float32)[:, None, :], axis=0)
+            else:
+                dq_inter += _mm(d_scores, k_tile, ELEM, PRECISION)
+                dk_inter += scale * _mm(tl.trans(d_scores), q_tile, ELEM, PRECISION)
+        _store_tile(dq, scale * dq_inter, bh, rows, keys, N, K)
+    _store_tile(dk, dk_inter, kv, rows, keys, N, K)
 
 
 @triton.jit
-def _dv_bwd(q, k, g, dstates, dout, dv, scale, N, K, V, NT,
+def _dv_bwd(q, k, g, dstates, dout, dv, scale, N, K, V, NT, G,
             BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr,
             CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
-    # q, k (BH, N, K), g (BH, N, K) | None, dout (BH, N, V); dstates (BH, NT, K, V) fp32 [causal] or
-    # dh0 (BH, K, V) [non-causal] -> dv (BH, N, V) fp32
-    i_v, n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    # q, dout (BHq, N, .), k (BHk, N, K), g (BHk, N, K) | None; dstates (BHk, NT, K, V) fp32 [causal] or
+    # dh0 (BHk, K, V) [non-causal] -> dv (BHk, N, V) fp32, summed over the kv head's G query heads
+    i_v, n, kv = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     vals, t = i_v * BV + tl.arange(0, BV), tl.arange(0, BT)
     ELEM: tl.constexpr = q.dtype.element_ty
     rows = n * BT + t
     causal_mask = t[:, None] >= t[None, :]
-    scores = tl.zeros([BT, BT], dtype=tl.float32)
     dv_tile = tl.zeros([BT, BV], dtype=tl.float32)
     for kb in range(0, tl.cdiv(K, BK)):
         keys = kb * BK + tl.arange(0, BK)
-        q_tile, k_tile = _load_operand(q, bh, rows, keys, N, K, PRECISION), _load_operand(k, bh, rows, keys, N, K, PRECISION)
-        gam, last = _chunk_log_decay(g, bh, rows, keys, N, K, GATED)
-        if CAUSAL:
-            scores += _intra_scores(q_tile, k_tile, gam, causal_mask, GATED, ELEM, PRECISION)
+        k_tile = _load_operand(k, kv, rows, keys, N, K, PRECISION)
         if GATED:
+            gam, last = _chunk_log_decay(g, kv, rows, keys, N, K, GATED)
             k_tile = k_tile.to(tl.float32) * tl.exp(last[None, :] - gam)
-        dv_tile += _mm(k_tile, _load_state(dstates, bh, n, NT, keys, vals, K, V, CAUSAL), ELEM, PRECISION)
-    do_tile = _load_operand(dout, bh, rows, vals, N, V, PRECISION)
+        dv_tile += _mm(k_tile, _load_state(dstates, kv, n, NT, keys, vals, K, V, CAUSAL), ELEM, PRECISION)
     if CAUSAL:
-        scores = tl.where(causal_mask, scores, 0.0)
-        dv_tile += scale * _mm(tl.trans(scores), do_tile, ELEM, PRECISION)
-    _store_tile(dv, dv_tile, bh, rows, vals, N, V)
+        for member in range(0, G):
+            bh = kv * G + member
+            scores = tl.zeros([BT, BT], dtype=tl.float32)
+            for kb in range(0, tl.cdiv(K, BK)):
+                keys = kb * BK + tl.arange(0, BK)
+                gam, _ = _chunk_log_decay(g, kv, rows, keys, N, K, GATED)
+                scores += _intra_scores(_load_operand(q, bh, rows, keys, N, K, PRECISION),
+                                        _load_operand(k, kv, rows, keys, N, K, PRECISION), gam, causal_mask, GATED,
+                                        ELEM, PRECISION)
+            scores = tl.where(causal_mask, scores, 0.0)
+            dv_tile += scale * _mm(tl.trans(scores), _load_operand(dout, bh, rows, vals, N, V, PRECISION), ELEM,
+                                   PRECISION)
+    _store_tile(dv, dv_tile, kv, rows, vals, N, V)
 
 
 def _tiles(K: int, V: int, gated: bool) -> tuple[int, int]:
@@ -309,48 +349,52 @@ def _flat(x: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def chunk_linear_fwd(q, k, v, g, initial_state, *, scale: float, causal: bool, chunk_size: int):
-    """q, k (B, H, N, K); v (B, H, N, V); g (B, H, N, K) | None; initial_state (B, H, K, V) | None.
-    Returns out (B, H, N, V) fp32, chunk_states (B, H, NT, K, V) fp32 (None when non-causal: every
-    chunk reads the final state) and the final state (B, H, K, V) fp32."""
-    B, H, N, K = q.shape
-    V = v.shape[-1]
+    """q (B, Hq, N, K); k (B, Hk, N, K); v (B, Hk, N, V); g (B, Hk, N, K) | None; initial_state
+    (B, Hk, K, V) | None; Hq a multiple of Hk (GQA). Returns out (B, Hq, N, V) fp32, chunk_states
+    (B, Hk, NT, K, V) fp32 (None when non-causal: every chunk reads the final state) and the final state
+    (B, Hk, K, V) fp32."""
+    B, Hq, N, K = q.shape
+    Hk, V = k.shape[1], v.shape[-1]
     q, k, v, g = _flat(q), _flat(k), _flat(v), _flat(g)
     h0 = None if initial_state is None else initial_state.float().contiguous()
     n_chunks = triton.cdiv(N, chunk_size)
     BK, BV = _tiles(K, V, g is not None)
-    chunk_states = new_output((B, H, n_chunks, K, V), torch.float32, q.device) if causal else None
-    final = new_output((B, H, K, V), torch.float32, q.device)
-    out = new_output((B, H, N, V), torch.float32, q.device)
+    chunk_states = new_output((B, Hk, n_chunks, K, V), torch.float32, q.device) if causal else None
+    final = new_output((B, Hk, K, V), torch.float32, q.device)
+    out = new_output((B, Hq, N, V), torch.float32, q.device)
     common = dict(BT=chunk_size, BK=BK, BV=BV, GATED=g is not None, PRECISION=_dot_precision(q.dtype))
-    _states_fwd[(triton.cdiv(K, BK), triton.cdiv(V, BV), B * H)](
+    _states_fwd[(triton.cdiv(K, BK), triton.cdiv(V, BV), B * Hk)](
         k, v, g, h0, chunk_states, final, N, K, V, n_chunks, HAS_INITIAL=h0 is not None, STORE_CHUNKS=causal,
         **common)
-    _output_fwd[(triton.cdiv(V, BV), n_chunks, B * H)](
-        q, k, v, g, chunk_states if causal else final, out, scale, N, K, V, n_chunks, CAUSAL=causal, **common)
+    _output_fwd[(triton.cdiv(V, BV), n_chunks, B * Hq)](
+        q, k, v, g, chunk_states if causal else final, out, scale, N, K, V, n_chunks, Hq // Hk, CAUSAL=causal,
+        **common)
     return out, chunk_states, final
 
 
 def chunk_linear_bwd(q, k, v, g, chunk_states, final_state, do, dfinal, *, scale: float, causal: bool,
                      chunk_size: int):
-    """Gradients (dq, dk, dv, dh0), all fp32, of `chunk_linear_fwd` for do (B, H, N, V) and dfinal
-    (B, H, K, V) | None."""
-    B, H, N, K = q.shape
-    V = v.shape[-1]
+    """Gradients (dq (B, Hq, N, K), dk, dv, dh0 (per kv head)), all fp32, of `chunk_linear_fwd` for do
+    (B, Hq, N, V) and dfinal (B, Hk, K, V) | None."""
+    B, Hq, N, K = q.shape
+    Hk, V = k.shape[1], v.shape[-1]
     q, k, v, g, do = _flat(q), _flat(k), _flat(v), _flat(g), _flat(do)
     dfinal = None if dfinal is None else dfinal.float().contiguous()
     n_chunks = triton.cdiv(N, chunk_size)
     BK, BV = _tiles(K, V, g is not None)
-    dstates = new_output((B, H, n_chunks, K, V), torch.float32, q.device) if causal else None
-    dh0 = new_output((B, H, K, V), torch.float32, q.device)
-    dq, dk = (new_output((B, H, N, K), torch.float32, q.device) for _ in range(2))
-    dv = new_output((B, H, N, V), torch.float32, q.device)
+    dstates = new_output((B, Hk, n_chunks, K, V), torch.float32, q.device) if causal else None
+    dh0 = new_output((B, Hk, K, V), torch.float32, q.device)
+    dq = new_output((B, Hq, N, K), torch.float32, q.device)
+    dk = new_output((B, Hk, N, K), torch.float32, q.device)
+    dv = new_output((B, Hk, N, V), torch.float32, q.device)
     common = dict(BT=chunk_size, BK=BK, BV=BV, GATED=g is not None, PRECISION=_dot_precision(q.dtype))
-    _states_bwd[(triton.cdiv(K, BK), triton.cdiv(V, BV), B * H)](
-        q, g, do, dfinal, dstates, dh0, scale, N, K, V, n_chunks, HAS_DFINAL=dfinal is not None, STORE_CHUNKS=causal,
-        **common)
+    group = Hq // Hk
+    _states_bwd[(triton.cdiv(K, BK), triton.cdiv(V, BV), B * Hk)](
+        q, g, do, dfinal, dstates, dh0, scale, N, K, V, n_chunks, group, HAS_DFINAL=dfinal is not None,
+        STORE_CHUNKS=causal, **common)
     states, dstates = (chunk_states, dstates) if causal else (final_state, dh0)
-    _dqk_bwd[(triton.cdiv(K, BK), n_chunks, B * H)](
-        q, k, v, g, states, dstates, do, dq, dk, scale, N, K, V, n_chunks, CAUSAL=causal, **common)
-    _dv_bwd[(triton.cdiv(V, BV), n_chunks, B * H)](
-        q, k, g, dstates, do, dv, scale, N, K, V, n_chunks, CAUSAL=causal, **common)
+    _dqk_bwd[(triton.cdiv(K, BK), n_chunks, B * Hk)](
+        q, k, v, g, states, dstates, do, dq, dk, scale, N, K, V, n_chunks, group, CAUSAL=causal, **common)
+    _dv_bwd[(triton.cdiv(V, BV), n_chunks, B * Hk)](
+        q, k, g, dstates, do, dv, scale, N, K, V, n_chunks, group, CAUSAL=causal, **common)
     return dq, dk, dv, dh0

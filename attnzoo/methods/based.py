@@ -18,6 +18,7 @@ import warnings
 import torch
 
 from ..ops import linear as _linear
+from ..validation import check_bool, check_positive
 
 _WARN_HEAD_DIM = 64
 
@@ -32,11 +33,14 @@ def taylor_feature_map(x: torch.Tensor) -> torch.Tensor:
 
 
 def _features(q, k, scale: float):
+    """(phi(scale q), phi(k)) in fp32 at least: the pair products square the inputs (x100 in fp16 would
+    overflow), and the state sums them over the sequence."""
     D = q.shape[-1]
     if D > _WARN_HEAD_DIM:
         warnings.warn(f"based: q/k head dim {D} gives {1 + D + D * (D + 1) // 2} features per head; BASED "
                       f"projects q and k to a small dim (16) first", stacklevel=3)
-    return taylor_feature_map(q * scale), taylor_feature_map(k)
+    wide = torch.promote_types(q.dtype, torch.float32)
+    return taylor_feature_map(q.to(wide) * scale), taylor_feature_map(k.to(wide))
 
 
 def _check_lengths(q, k) -> None:
@@ -49,6 +53,7 @@ def based(q, k, v, *, causal: bool, scale: float, backend: str, use_norm: bool =
     """q, k (B, H, N, D) (D small, e.g. 16), v (B, H, N, Dv) -> o (B, H, N, Dv). `use_norm=False`
     returns the numerator only."""
     _check_lengths(q, k)
+    use_norm, eps = check_bool("use_norm", use_norm), check_positive("eps", eps)
     phi_q, phi_k = _features(q, k, scale)
     return _linear.linear_attention(phi_q, phi_k, v, scale=1.0, causal=causal, backend=backend, normalize=use_norm,
                                     eps=eps, chunk_size=chunk_size)

@@ -12,7 +12,8 @@ import torch
 
 from .. import masks
 from ..block_mask import BlockMask
-from ..ops.flash import flash_attention
+from ..ops.flash import flash_attention, windowed_blocks
+from ..validation import check_softcap, check_window
 
 
 def as_block_mask(block_mask, block_size, q: torch.Tensor, k: torch.Tensor) -> BlockMask:
@@ -29,14 +30,19 @@ def as_block_mask(block_mask, block_size, q: torch.Tensor, k: torch.Tensor) -> B
 
 
 def block_sparse(q, k, v, *, causal: bool, scale: float, backend: str, block_size=128, block_mask=None,
-                 return_block_mask: bool = False):
+                 window_size=(-1, -1), softcap: float = 0.0, return_block_mask: bool = False):
     """Attention over the blocks of `block_mask` (an attnzoo.BlockMask, or a bool tensor
     (B|1, Hq|1, nQB, nKB) cut into `block_size` blocks; a BlockMask carries its own block size).
     q (B, Hq, N, D), k (B, Hk, M, D), v (B, Hk, M, Dv) -> out (B, Hq, N, Dv); rows that keep no
-    visible key output 0. With `return_block_mask`, returns (out, block_mask)."""
+    visible key output 0. `window_size` and `softcap` as dense's (the window intersects the blocks).
+    With `return_block_mask`, returns (out, block_mask) (the blocks that ran, under a window)."""
     block_mask = as_block_mask(block_mask, block_size, q, k)
-    out, _ = flash_attention(q, k, v, scale=scale, causal=causal, block_mask=block_mask, backend=backend)
-    return (out, block_mask) if return_block_mask else out
+    window, softcap = check_window(window_size), check_softcap(softcap)
+    out, _ = flash_attention(q, k, v, scale=scale, causal=causal, window_size=window, softcap=softcap,
+                             block_mask=block_mask, backend=backend)
+    if return_block_mask:
+        return out, windowed_blocks(block_mask, q.shape[2], k.shape[2], causal=causal, window=window)
+    return out
 
 
 def example_kwargs(q, k, v, *, causal):

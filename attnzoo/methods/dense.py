@@ -11,7 +11,7 @@ maps the method's parameters onto it.
 from __future__ import annotations
 
 from ..ops.flash import flash_attention
-from ..validation import check_bias, check_sinks, check_softcap, check_window
+from ..validation import check_bias, check_bool, check_sinks, check_softcap, check_window
 
 
 def dense(q, k, v, *, causal: bool, scale: float, backend: str, window_size=(-1, -1), softcap: float = 0.0,
@@ -21,6 +21,7 @@ def dense(q, k, v, *, causal: bool, scale: float, backend: str, window_size=(-1,
     to the scaled scores (Gemma 2). `bias`: additive, broadcastable to (B, Hq, N, M), added after the
     softcap (differentiable); `sinks`: (Hq,) sink logits, differentiable. Returns out (B, Hq, N, Dv), or
     (out, lse) with `return_lse` (lse includes the sinks)."""
+    return_lse = check_bool("return_lse", return_lse)
     if bias is not None:
         check_bias(bias, q, k.shape[2])
     if sinks is not None:

@@ -14,12 +14,15 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import linear as _linear
-from ..validation import check_tensor
+from ..validation import check_bool, check_tensor
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def check_gla_inputs(q, causal: bool, g, k_len: int) -> None:
+def check_gla_inputs(q, causal: bool, g, k_len: int, kv_heads: int | None = None) -> None:
+    """g, when given, is per kv head: (B, Hk, N, D), shared by the kv head's query heads (GQA); kv_heads
+    None means Hk = Hq."""
+    B, Hq, N, D = q.shape
     if not causal:
         raise ValueError("gla is causal only: its gates decay the state along the sequence order, so a "
                          "non-causal sum has nothing to decay; call it with causal=True")
@@ -27,18 +30,19 @@ def check_gla_inputs(q, causal: bool, g, k_len: int) -> None:
         raise ValueError(f"gla needs q and k of one length (a recurrence over one sequence), got q length "
                          f"{q.shape[2]} and k length {k_len}")
     if g is not None:
-        check_tensor("g", g, shape=tuple(q.shape), like=q, dtype=_FLOATS)
+        check_tensor("g", g, shape=(B, Hq if kv_heads is None else kv_heads, N, D), like=q, dtype=_FLOATS)
         _linear.check_log_gates("g", g)
 
 
 def gla(q, k, v, *, causal: bool, scale: float, backend: str, chunk_size=None, g=None, initial_state=None,
         output_final_state: bool = False):
-    """q, k (B, H, N, D); v (B, H, N, Dv); g (B, H, N, D) log gates <= 0 (None = no decay);
-    initial_state (B, H, D, Dv) fp32. Returns o (B, H, N, Dv), and with `output_final_state` also the
-    final state (B, H, D, Dv) fp32."""
-    check_gla_inputs(q, causal, g, k.shape[2])
+    """q (B, Hq, N, D); k (B, Hk, N, D); v (B, Hk, N, Dv); g (B, Hk, N, D) log gates <= 0 (None = no
+    decay), per kv head; initial_state (B, Hk, D, Dv) fp32. Returns o (B, Hq, N, Dv), and with
+    `output_final_state` also the final state (B, Hk, D, Dv) fp32."""
+    check_gla_inputs(q, causal, g, k.shape[2], k.shape[1])
     return _linear.linear_attention(q, k, v, g=g, scale=scale, causal=True, backend=backend,
-                                    initial_state=initial_state, output_final_state=output_final_state,
+                                    initial_state=initial_state,
+                                    output_final_state=check_bool("output_final_state", output_final_state),
                                     chunk_size=chunk_size)
 
 

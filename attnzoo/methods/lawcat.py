@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import linear as _linear
-from ..validation import check_tensor
+from ..validation import check_positive, check_tensor
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 FEATURE_MAPS = {"elu1": lambda x: F.elu(x) + 1.0, "relu": torch.relu}
@@ -67,26 +67,29 @@ def check_lawcat_args(q, k, causal, g, conv_q, conv_k, feature_map) -> None:
     if k.shape[2] != q.shape[2]:
         raise ValueError(f"lawcat needs q and k of one length, got q length {q.shape[2]} and k length {k.shape[2]}")
     feature_map_fn(feature_map)
-    B, H, N, D = q.shape
-    for name, weight in (("conv_q", conv_q), ("conv_k", conv_k)):
+    B, Hq, N, D = q.shape
+    Hk = k.shape[1]
+    for name, weight, heads in (("conv_q", conv_q, Hq), ("conv_k", conv_k, Hk)):
         if weight is not None:
-            check_tensor(name, weight, shape=(H, D, None), like=q, dtype=_FLOATS)
+            check_tensor(name, weight, shape=(heads, D, None), like=q, dtype=_FLOATS, finite=True)
             if weight.shape[-1] < 1:
                 raise ValueError(f"{name} must hold at least one tap, got shape {tuple(weight.shape)}")
     if g is not None:
-        check_tensor("g", g, shape=(B, H, N) if g.dim() == 3 else (B, H, N, D), like=q, dtype=_FLOATS)
+        check_tensor("g", g, shape=(B, Hk, N) if g.dim() == 3 else (B, Hk, N, D), like=q, dtype=_FLOATS)
         _linear.check_log_gates("g", g)
 
 
 def lawcat(q, k, v, *, causal: bool, scale: float, backend: str, feature_map: str = "elu1", eps: float = 1e-6,
            chunk_size=None, g=None, conv_q=None, conv_k=None):
-    """q, k (B, H, N, D), v (B, H, N, Dv); g (B, H, N) or (B, H, N, D) log gates <= 0 (None = no decay);
-    conv_q, conv_k (H, D, r + 1) depthwise causal kernels (None = identity); feature_map a name or a
-    callable shared by q and k. `scale` is unused: it cancels in the normalised output."""
+    """q (B, Hq, N, D), k (B, Hk, N, D), v (B, Hk, N, Dv); g (B, Hk, N) or (B, Hk, N, D) log gates <= 0
+    per kv head (None = no decay); conv_q (Hq, D, r + 1), conv_k (Hk, D, r + 1) depthwise causal kernels
+    (None = identity); feature_map a name or a callable shared by q and k (a LearnedFeatureMap is per
+    head, so with GQA it needs Hq == Hk). `scale` is unused: it cancels in the normalised output."""
     check_lawcat_args(q, k, causal, g, conv_q, conv_k, feature_map)
+    eps = check_positive("eps", eps)
     phi = feature_map_fn(feature_map)
     phi_q, phi_k = phi(causal_depthwise_conv(q, conv_q)), phi(causal_depthwise_conv(k, conv_k))
-    return _linear.linear_attention(phi_q, phi_k, v, g=_gate_per_channel(g, q.shape), scale=1.0, causal=True,
+    return _linear.linear_attention(phi_q, phi_k, v, g=_gate_per_channel(g, k.shape), scale=1.0, causal=True,
                                     backend=backend, normalize=True, eps=eps, chunk_size=chunk_size)
 
 

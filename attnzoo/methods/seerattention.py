@@ -27,8 +27,8 @@ from ..block_mask import BlockMask
 from ..geometry import block_geometry, num_blocks
 from ..ops.block_target import block_max_probs
 from ..ops.dispatch import resolve
-from ..ops.flash import flash_attention
-from ..validation import check_tensor
+from ..ops.flash import flash_attention, windowed_blocks
+from ..validation import check_softcap, check_tensor, check_window
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 DEFAULT_THRESHOLD = 5e-4  # the official README's prefill example ("typical range 5e-4 ~ 5e-3")
@@ -42,7 +42,8 @@ LOSS_REDUCTIONS = ("mean", "sum", "rows")
 
 
 def seerattention(q, k, v, *, causal: bool, scale: float, backend: str, gate=None, threshold=None, topk_ratio=None,
-                  block_size: int = 64, last_blocks_dense: int = 2, return_block_mask: bool = False):
+                  block_size: int = 64, last_blocks_dense: int = 2, window_size=(-1, -1), softcap: float = 0.0,
+                  return_block_mask: bool = False):
     """Block-sparse attention over the blocks a gate (or the oracle map) chooses.
 
     q (B, Hq, N, D), k (B, Hk, M, D), v (B, Hk, M, Dv) -> out (B, Hq, N, Dv), and the `BlockMask`
@@ -54,8 +55,12 @@ def seerattention(q, k, v, *, causal: bool, scale: float, backend: str, gate=Non
     keep = select_blocks(scores, N, M, block_size=block_size, causal=causal, threshold=threshold,
                          topk_ratio=topk_ratio, last_blocks_dense=last_blocks_dense)
     block_mask = BlockMask(keep, block_size)
-    out, _ = flash_attention(q, k, v, scale=scale, causal=causal, block_mask=block_mask, backend=backend)
-    return (out, block_mask) if return_block_mask else out
+    window, softcap = check_window(window_size), check_softcap(softcap)
+    out, _ = flash_attention(q, k, v, scale=scale, causal=causal, window_size=window, softcap=softcap,
+                             block_mask=block_mask, backend=backend)
+    if return_block_mask:
+        return out, windowed_blocks(block_mask, N, M, causal=causal, window=window)
+    return out
 
 
 def block_scores(q, k, gate, *, block_size: int, causal: bool, scale: float, backend: str) -> torch.Tensor:

@@ -27,8 +27,9 @@ import math
 import torch
 
 from ..block_mask import BlockMask, _as_pair
-from ..ops.flash import flash_attention
+from ..ops.flash import flash_attention, windowed_blocks
 from ..ops.scoring import antidiagonal_block_scores
+from ..validation import check_softcap, check_window
 
 CACHE_KEY = "sparsed_block_mask"
 
@@ -93,8 +94,8 @@ def select_blocks(q, k, *, select: float, block_q: int, block_k: int, scale: flo
 
 
 def sparsed(q, k, v, *, causal: bool, scale: float, backend: str, select: float = 0.3, block_size: int = 128,
-            skip: float = 0.2, step=None, total_steps=None, cache=None, gen_len=None,
-            return_block_mask: bool = False):
+            skip: float = 0.2, step=None, total_steps=None, cache=None, gen_len=None, window_size=(-1, -1),
+            softcap: float = 0.0, return_block_mask: bool = False):
     """SparseD: q (B, Hq, N, D), k (B, Hk, M, D), v (B, Hk, M, Dv) -> out (B, Hq, N, Dv), or
     (out, block_mask) with `return_block_mask` (all blocks on dense steps). Non-causal."""
     if causal:
@@ -114,9 +115,12 @@ def sparsed(q, k, v, *, causal: bool, scale: float, backend: str, select: float 
     else:
         block_mask = _scheduled_pattern(q, k, step, total_steps, skip, cache,
                                         lambda: _pattern(q, k, select, block_q, block_k, scale, gen_len, backend))
-    out, _ = flash_attention(q, k, v, scale=scale, causal=False, block_mask=block_mask, backend=backend)
+    window, softcap = check_window(window_size), check_softcap(softcap)
+    out, _ = flash_attention(q, k, v, scale=scale, causal=False, window_size=window, softcap=softcap,
+                             block_mask=block_mask, backend=backend)
     if return_block_mask:
-        return out, block_mask if block_mask is not None else _all_blocks(n, m, block_q, block_k, q.device)
+        chosen = block_mask if block_mask is not None else _all_blocks(n, m, block_q, block_k, q.device)
+        return out, windowed_blocks(chosen, n, m, causal=False, window=window)
     return out
 
 

@@ -1,7 +1,7 @@
 """WERSA: Wavelet-Enhanced Random Spectral Attention (Dentamaro; arXiv 2507.08637, 2025).
 
     q~, k~ = IDWT(gains * DWT(gelu(q or k)))      orthonormal Haar along the sequence, `levels` levels
-    phi(x) = relu(x Omega / bandwidth) / sqrt(m)   Omega (D, m) fixed Gaussian drawn from `seed`
+    phi(x) = relu(x Omega) / sqrt(m)               Omega (D, m) fixed Gaussian drawn from `seed`
     o      = phi(q~) (phi(k~)^T v) / (phi(q~) . sum_s phi(k~_s) + eps)
 
 Non-causal only: a Haar coefficient mixes every token of its dyadic block, so with any gain != 1 the
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import linear as _linear
-from ..validation import check_tensor
+from ..validation import check_int, check_tensor
 
 _EPS = 1e-6
 _SQRT_HALF = 0.5 ** 0.5
@@ -76,35 +76,39 @@ def wersa_omega(head_dim: int, num_features: int, seed: int, *, dtype=torch.floa
     return torch.randn(head_dim, num_features, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
 
 
-def random_features(x: torch.Tensor, omega: torch.Tensor, bandwidth: float) -> torch.Tensor:
-    return torch.relu(x @ omega / bandwidth) / math.sqrt(omega.shape[-1])
+def random_features(x: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
+    """relu(x Omega) / sqrt(m). (A bandwidth dividing x Omega would cancel in the normalised output:
+    relu is positively homogeneous.)"""
+    return torch.relu(x @ omega) / math.sqrt(omega.shape[-1])
 
 
-def check_wersa_args(q, k, causal, levels, num_features, gains, bandwidth) -> None:
+def check_wersa_args(q, k, causal, levels, num_features, gains, seed) -> tuple[int, int, int]:
+    """The validated (levels, num_features, seed)."""
     if causal:
         raise ValueError("wersa is non-causal only: each Haar coefficient mixes all tokens of its dyadic block, "
                          "so filtered q and k at position t depend on later tokens; call it with causal=False")
     if k.shape[2] != q.shape[2]:
         raise ValueError(f"wersa filters q and k along one sequence: q length {q.shape[2]} != k length {k.shape[2]}")
-    for name, value, low in (("levels", levels, 0), ("num_features", num_features, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    if isinstance(bandwidth, bool) or not isinstance(bandwidth, (int, float)) or not bandwidth > 0:
-        raise ValueError(f"bandwidth must be a float > 0, got {bandwidth!r}")
+    levels, num_features = check_int("levels", levels, low=0), check_int("num_features", num_features, low=1)
+    seed = check_int("seed", seed, low=0, high=2 ** 63 - 1)
     if gains is not None:
+        if not isinstance(gains, torch.Tensor):
+            raise TypeError(f"gains must be a torch.Tensor of shape (levels + 1,) or (B, N, levels + 1) or None, "
+                            f"got {type(gains).__name__}")
         B, _, N, _ = q.shape
         shape = (levels + 1,) if gains.dim() == 1 else (B, N, levels + 1)
         check_tensor("gains", gains, shape=shape, like=q, dtype=(torch.float16, torch.bfloat16, torch.float32,
-                                                                  torch.float64))
+                                                                  torch.float64), finite=True)
+    return levels, num_features, seed
 
 
 def wersa(q, k, v, *, causal: bool, scale: float, backend: str, levels: int = 2, num_features: int = 256,
-          gains=None, bandwidth: float = 1.0, seed: int = 0, chunk_size=None):
+          gains=None, seed: int = 0, chunk_size=None):
     """q, k (B, H, N, D), v (B, H, N, Dv) -> o (B, H, N, Dv). gains (L+1,) or (B, N, L+1), shared by
-    heads and channels (None = all 1). `scale` is unused: the bandwidth sets the feature scale."""
-    check_wersa_args(q, k, causal, levels, num_features, gains, bandwidth)
+    heads and channels (None = all 1). `scale` is unused: it would cancel in the normalised output."""
+    levels, num_features, seed = check_wersa_args(q, k, causal, levels, num_features, gains, seed)
     omega = wersa_omega(q.shape[-1], num_features, seed, dtype=q.dtype, device=q.device)
-    phi_q, phi_k = (random_features(wavelet_filter(x, levels, gains), omega, bandwidth) for x in (q, k))
+    phi_q, phi_k = (random_features(wavelet_filter(x, levels, gains), omega) for x in (q, k))
     return _linear.linear_attention(phi_q, phi_k, v, scale=1.0, causal=False, backend=backend, normalize=True,
                                     eps=_EPS, chunk_size=chunk_size)
 

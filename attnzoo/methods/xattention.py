@@ -23,8 +23,9 @@ import torch.nn.functional as F
 
 from ..block_mask import BlockMask, _as_pair
 from ..geometry import block_geometry, diagonal_key_block, num_blocks
-from ..ops.flash import flash_attention
+from ..ops.flash import flash_attention, windowed_blocks
 from ..ops.scoring import antidiagonal_block_scores
+from ..validation import check_softcap, check_window
 
 SELECTIONS = ("attnzoo", "official")
 
@@ -226,7 +227,8 @@ def select_blocks(q, k, *, stride: int, threshold: float, block_q: int, block_k:
 
 
 def xattention(q, k, v, *, causal: bool, scale: float, backend: str, stride: int = 8, threshold: float = 0.9,
-               block_size=128, selection: str = "attnzoo", chunk_size=None, return_block_mask: bool = False):
+               block_size=128, selection: str = "attnzoo", chunk_size=None, window_size=(-1, -1),
+               softcap: float = 0.0, return_block_mask: bool = False):
     """XAttention prefill: q (B, Hq, N, D), k (B, Hk, M, D), v (B, Hk, M, Dv) -> out (B, Hq, N, Dv),
     or (out, block_mask) with `return_block_mask`. `stride` (power of two dividing `block_size`) is the
     antidiagonal stride S; `threshold` the fraction of estimated mass each query-block row keeps;
@@ -235,8 +237,12 @@ def xattention(q, k, v, *, causal: bool, scale: float, backend: str, stride: int
     block_q, block_k = check_params(stride, threshold, block_size, selection, chunk_size)
     block_mask = select_blocks(q, k, stride=stride, threshold=float(threshold), block_q=block_q, block_k=block_k,
                                scale=scale, causal=causal, backend=backend, selection=selection, chunk_size=chunk_size)
-    out, _ = flash_attention(q, k, v, scale=scale, causal=causal, block_mask=block_mask, backend=backend)
-    return (out, block_mask) if return_block_mask else out
+    window, softcap = check_window(window_size), check_softcap(softcap)
+    out, _ = flash_attention(q, k, v, scale=scale, causal=causal, window_size=window, softcap=softcap,
+                             block_mask=block_mask, backend=backend)
+    if return_block_mask:
+        return out, windowed_blocks(block_mask, q.shape[2], k.shape[2], causal=causal, window=window)
+    return out
 
 
 def example_kwargs(q, k, v, *, causal):

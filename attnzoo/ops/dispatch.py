@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import types
 
 import torch
 
-from .._env import triton_interpreting
+from .._env import serialised, triton_interpreting
 
 BACKENDS = ("auto", "triton", "torch", "fla")
 
@@ -66,8 +67,22 @@ _PACKAGES = {"triton": "attnzoo.kernels", "torch": "attnzoo.torch_impl"}
 
 
 def implementation(op: str, backend: str):
-    """The module that implements `op` for `backend`: attnzoo/kernels/<op>.py (Triton) or its twin
-    attnzoo/torch_impl/<op>.py; both follow one signature. Imported on first use."""
+    """What implements `op` for `backend`: attnzoo/kernels/<op>.py (Triton) or its twin
+    attnzoo/torch_impl/<op>.py; both follow one signature. Imported on first use. The Triton module's
+    public functions come `serialised` (one interpreted launch at a time, see attnzoo/_env.py)."""
     if backend not in _PACKAGES:
         raise ValueError(f"the {op} op has backends 'triton' and 'torch', not {backend!r}")
-    return importlib.import_module(f"{_PACKAGES[backend]}.{op}")
+    module = importlib.import_module(f"{_PACKAGES[backend]}.{op}")
+    return _launchers(module) if backend == "triton" else module
+
+
+_LAUNCHERS: dict[str, types.SimpleNamespace] = {}  # one entry per Triton op module (four at most)
+
+
+def _launchers(module) -> types.SimpleNamespace:
+    """The public functions of a Triton op module, each wrapped in `serialised`."""
+    if module.__name__ not in _LAUNCHERS:
+        public = {name: serialised(fn) for name, fn in vars(module).items()
+                  if callable(fn) and not name.startswith("_") and getattr(fn, "__module__", None) == module.__name__}
+        _LAUNCHERS[module.__name__] = types.SimpleNamespace(**public)
+    return _LAUNCHERS[module.__name__]

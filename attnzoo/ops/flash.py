@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ..block_mask import BlockMask
-from ..geometry import causal_window
+from ..geometry import block_geometry, causal_window
 from .dispatch import implementation
 
 
@@ -114,3 +114,13 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
     bias = None if bias is None else compact_bias(bias)
     out, lse = _FlashAttention.apply(q, k, v, bias, scale, window, softcap, index, impl)
     return (out, lse) if sinks is None else with_sinks(out, lse, sinks)
+
+
+def windowed_blocks(block_mask: BlockMask, n: int, m: int, *, causal: bool, window: tuple[int, int]) -> BlockMask:
+    """The blocks of a sparse method's choice that run under a window: those holding a pair the window
+    (and causal) lets through. Without a window, the choice itself."""
+    if window == (-1, -1):
+        return block_mask
+    admissible, _ = block_geometry(n, m, block_mask.block_q, block_mask.block_k, causal=causal, window=window,
+                                   device=block_mask.mask.device)
+    return BlockMask(block_mask.mask & admissible, block_mask.block_size)

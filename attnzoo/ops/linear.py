@@ -23,7 +23,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .._env import interpret_tile, triton_interpreting
-from ..validation import check_tensor
+from ..validation import check_int, check_tensor
 from .dispatch import implementation
 
 _STATE_DTYPE = torch.float32
@@ -40,15 +40,18 @@ def default_chunk_size(gated: bool, backend: str) -> int:
 def check_chunk_size(chunk_size) -> int:
     """The chunk is also the kernels' register tile (C x C scores, C x C x BK gated decays), so it is
     bounded: a power of two in [16, 128]."""
-    is_int = isinstance(chunk_size, int) and not isinstance(chunk_size, bool)
-    if not is_int or not 16 <= chunk_size <= 128 or chunk_size & (chunk_size - 1):
+    chunk_size = check_int("chunk_size", chunk_size, low=16, high=128)
+    if chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size must be a power of two in [16, 128] (or None for the default), got {chunk_size!r}")
     return chunk_size
 
 
 def check_log_gates(name: str, g: torch.Tensor) -> None:
     """Log forget gates must be finite and <= 0. (A forget gate of exactly 0, log 0 = -inf, would make
-    the chunked form's exp(G_t - G_s) a NaN; a large negative value such as -60 forgets as well.)"""
+    the chunked form's exp(G_t - G_s) a NaN; a large negative value such as -60 forgets as well.)
+    Values are not read on the meta device."""
+    if g.device.type == "meta":
+        return
     if not bool((torch.isfinite(g) & (g <= 0)).all()):
         raise ValueError(f"{name} holds log forget gates and must be finite and <= 0; got values from "
                          f"{g.min().item():.3g} to {g.max().item():.3g} (for a gate that forgets everything "
@@ -58,8 +61,9 @@ def check_log_gates(name: str, g: torch.Tensor) -> None:
 def _gate_grad(q, k, dq, dk, final_state, dfinal):
     """dg from dq, dk: everything depends on the cumulative gate G through q_t exp(G_t), k_s exp(-G_s)
     and exp(G_N) on the final state, so dL/dG_t = q_t dq_t - k_t dk_t (+ sum_v S_N dS_N at t = N - 1),
-    and dg_t = sum_{r >= t} dL/dG_r."""
-    dcum = q.to(dq.dtype) * dq - k.to(dk.dtype) * dk
+    and dg_t = sum_{r >= t} dL/dG_r. With GQA the gate is a kv head's: q_t dq_t sums its query heads."""
+    B, Hk = k.shape[:2]
+    dcum = (q.to(dq.dtype) * dq).unflatten(1, (Hk, -1)).sum(2) - k.to(dk.dtype) * dk  # a kv head's query heads
     dcum[:, :, -1] += (final_state * dfinal).sum(-1)
     return dcum.flip(2).cumsum(2).flip(2)
 
@@ -99,10 +103,10 @@ def _pack_state(state, normalize: bool, shape: tuple, like: torch.Tensor):
             raise TypeError(f"initial_state of a normalised method must be a pair (S (B, H, F, V), z (B, H, F)), "
                             f"got {type(state).__name__}")
         S, z = state
-        check_tensor("initial_state[0]", S, shape=(B, H, F, V), like=like, dtype=_STATE_DTYPE)
-        check_tensor("initial_state[1]", z, shape=(B, H, F), like=like, dtype=_STATE_DTYPE)
+        check_tensor("initial_state[0]", S, shape=(B, H, F, V), like=like, dtype=_STATE_DTYPE, finite=True)
+        check_tensor("initial_state[1]", z, shape=(B, H, F), like=like, dtype=_STATE_DTYPE, finite=True)
         return torch.cat([S, z[..., None]], dim=-1)
-    check_tensor("initial_state", state, shape=(B, H, F, V), like=like, dtype=_STATE_DTYPE)
+    check_tensor("initial_state", state, shape=(B, H, F, V), like=like, dtype=_STATE_DTYPE, finite=True)
     return state
 
 
@@ -117,9 +121,10 @@ def _normalized(out: torch.Tensor, eps: float) -> torch.Tensor:
 def linear_attention(q, k, v, *, scale: float, causal: bool, backend: str, g=None, normalize: bool = False,
                      eps: float = 1e-6, initial_state=None, output_final_state: bool = False,
                      chunk_size: int | None = None):
-    """Chunked linear attention on features q, k (B, H, N, F) and values v (B, H, N, V).
+    """Chunked linear attention on features q (B, Hq, N, F), k (B, Hk, N, F) and values v (B, Hk, N, V),
+    Hq a multiple of Hk (GQA: a kv head's k, v, gate and state serve its Hq / Hk query heads).
 
-    g (B, H, N, F) log forget gates (causal only); initial_state (B, H, F, V) fp32, or (S, z) when
+    g (B, Hk, N, F) log forget gates (causal only); initial_state (B, Hk, F, V) fp32, or (S, z) when
     `normalize`. Returns out (B, H, N, V) in v's dtype, and with `output_final_state` also the final
     state (same form as initial_state). backend is "triton" or "torch".
     """
@@ -128,6 +133,9 @@ def linear_attention(q, k, v, *, scale: float, causal: bool, backend: str, g=Non
     if backend == "fla":
         if normalize or not causal or chunk_size is not None:
             raise ValueError("backend='fla' runs fla's chunk_gla: causal, unnormalised, default chunk size only")
+        if q.shape[1] != k.shape[1]:
+            raise ValueError(f"backend='fla' runs fla's chunk_gla, which takes one k/v head per query head; got "
+                             f"{q.shape[1]} query heads and {k.shape[1]} kv heads (use backend='triton' for GQA)")
         return _fla_chunk_gla(q, k, v, g, scale, initial_state, output_final_state)
     gated = g is not None
     chunk_size = default_chunk_size(gated, backend) if chunk_size is None else check_chunk_size(chunk_size)

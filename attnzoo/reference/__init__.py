@@ -129,7 +129,7 @@ def exact_output(name: str, q, k, v, *, causal: bool, scale: float, params: dict
     - dense: softmax attention with window_size, softcap, an additive `bias` and `sinks`;
     - block_sparse, xattention, s2, sparsed, seerattention: softmax attention restricted to
       `block_mask` = (bool tensor (B|1, H|1, nQB, nKB), (block_q, block_k)), the blocks the method chose
-      (an attnzoo.BlockMask is accepted too). Without it, the blocks the oracle's own definition
+      (an attnzoo.BlockMask is accepted too), within window_size and with softcap. Without it, the blocks the oracle's own definition
       chooses (at near ties of the estimates the method may choose differently: pass its blocks);
     - flashbias: softmax attention plus the explicit bias of bias_factors (U W^T), alibi_slopes, or a
       full `bias`. For a full `bias` the exact output is that of the full bias, whatever `rank` the
@@ -156,7 +156,9 @@ def exact_output(name: str, q, k, v, *, causal: bool, scale: float, params: dict
         else:
             blocks, (block_q, block_k) = _chosen_blocks(name, q, k, causal, scale, opts)
         mask = expand_block_mask(blocks.to(torch.bool), q.shape[2], k.shape[2], block_q, block_k)
-        return attention(q, k, v, causal=causal, scale=scale, mask=mask)
+        window = tuple(opts.get("window_size") or (-1, -1))
+        return attention(q, k, v, causal=causal, scale=scale, mask=mask, window_size=window,
+                         softcap=float(opts.get("softcap", 0.0)))
     if name == "flashbias":
         return _flashbias.flashbias(q, k, v, causal=causal, scale=scale, bias_factors=_f64(opts.get("bias_factors")),
                                     bias=_f64(opts.get("bias")), alibi_slopes=_f64(opts.get("alibi_slopes")))
@@ -170,4 +172,4 @@ def exact_output(name: str, q, k, v, *, causal: bool, scale: float, params: dict
                               conv_k=_f64(opts.get("conv_k")), feature_map=opts.get("feature_map", "elu1"),
                               eps=opts.get("eps", 1e-6))
     return _wersa.wersa(q, k, v, levels=opts.get("levels", 2), num_features=opts.get("num_features", 256),
-                        gains=_f64(opts.get("gains")), bandwidth=opts.get("bandwidth", 1.0), seed=opts.get("seed", 0))
+                        gains=_f64(opts.get("gains")), seed=opts.get("seed", 0))

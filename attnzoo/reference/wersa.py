@@ -2,7 +2,7 @@
 
     q~, k~ = IDWT(gains * DWT(gelu(q or k)))       orthonormal Haar along the sequence, `levels` levels,
                                                    zero-padded to a power of two >= 2**levels, cropped
-    phi(x) = relu(x Omega / bandwidth) / sqrt(m)   Omega (D, m) standard Gaussian drawn from `seed`
+    phi(x) = relu(x Omega) / sqrt(m)               Omega (D, m) standard Gaussian drawn from `seed`
     o      = A v / (A 1 + eps),  A = phi(q~) phi(k~)^T                                (non-causal)
 
 Bands are [d^1, ..., d^L, a^L]. Gains (L+1,) scale band b by gains[b]; gains (B, N, L+1) scale
@@ -86,16 +86,16 @@ def wavelet_filter(x, levels: int, gains):
     return haar_idwt(bands)[:, :, :n]
 
 
-def random_features(x, projection, bandwidth: float):
+def random_features(x, projection):
     m = projection.shape[-1]
-    z = x @ projection / bandwidth
+    z = x @ projection
     return torch.where(z > 0, z, torch.zeros_like(z)) / math.sqrt(m)
 
 
-def wersa(q, k, v, *, levels: int = 2, num_features: int = 256, gains=None, bandwidth: float = 1.0, seed: int = 0):
+def wersa(q, k, v, *, levels: int = 2, num_features: int = 256, gains=None, seed: int = 0):
     """o (B, H, N, Dv) for q, k (B, H, N, D), v (B, H, N, Dv); rows with no feature mass output 0."""
     projection = omega(q.shape[-1], num_features, seed).to(dtype=q.dtype, device=q.device)
-    phi_q = random_features(wavelet_filter(q, levels, gains), projection, bandwidth)
-    phi_k = random_features(wavelet_filter(k, levels, gains), projection, bandwidth)
+    phi_q = random_features(wavelet_filter(q, levels, gains), projection)
+    phi_k = random_features(wavelet_filter(k, levels, gains), projection)
     weights = phi_q @ phi_k.transpose(-1, -2)
     return weights @ v / (weights.sum(-1, keepdim=True) + EPS)

@@ -61,12 +61,18 @@ class _Call:
     scale: float
     softcap: float
     fused: bool  # the pieces run in torch's fused CPU kernel
+    guarded: bool = False  # k or v hold NaN / inf: masked pieces keep them out of the rows that do not see them
 
 
-def _call(q, k, v, scale, window, softcap) -> _Call:
+def _call(q, k, v, scale, window, softcap, guarded: bool = False) -> _Call:
     fused = q.device.type == "cpu" and softcap == 0 and q.shape[-1] == v.shape[-1]
     return _Call(q.shape[2], k.shape[2], q.shape[0], k.shape[1], q.shape[1] // k.shape[1], tuple(window),
-                 scale, softcap, fused)
+                 scale, softcap, fused, guarded)
+
+
+def _has_nonfinite(*tensors: torch.Tensor) -> bool:
+    """Whether any of the tensors holds NaN or inf (one pass each, once per call; False on meta)."""
+    return any(t.device.type != "meta" and not bool(torch.isfinite(t).all()) for t in tensors)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -358,7 +364,8 @@ def _attend(q, k, v, keep, bias, call: _Call):
     """(o (P, Lq, Dv), lse (P, Lq)) of rows q (P, Lq, D) over keys k, v (P, Lk, .), with visibility
     `keep` and additive `bias` tile (each broadcastable to (P, Lq, Lk), or None); lse -inf and o 0
     for a row that sees no key."""
-    if call.fused:
+    guard = call.guarded and keep is not None
+    if call.fused and not guard:  # torch's kernel lets a masked NaN key or value reach every row (0 * NaN)
         added = _logits_mask(keep, bias, q.dtype)
         o, lse = _FUSED_FWD(q[:, None], k[:, None], v[:, None], attn_mask=added, scale=call.scale)
         o, lse = o[:, 0], lse[:, 0]
@@ -370,7 +377,17 @@ def _attend(q, k, v, keep, bias, call: _Call):
         s = s.masked_fill(~keep, -math.inf)
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse.masked_fill(lse == -math.inf, 0.0)[..., None])
-    return torch.matmul(p, v), lse
+    return (_masked_pv(p, v, keep) if guard else torch.matmul(p, v)), lse
+
+
+def _masked_pv(p, v, keep):
+    """p @ v (P, Lq, Dv) where a masked pair adds nothing even when its value is NaN or inf: non-finite
+    values enter as 0, and the (row, column) entries that see one through a visible pair become NaN, as
+    the product would make them (the kernel's _masked_pv). p (P, Lq, Lk), keep broadcastable to it."""
+    finite = torch.isfinite(v)
+    out = torch.matmul(p, v.masked_fill(~finite, 0.0))
+    hits = torch.matmul(keep.to(v.dtype).expand_as(p), (~finite).to(v.dtype))
+    return out.masked_fill(hits > 0, math.nan)
 
 
 def _attend_backward(q, do, o, lse, delta, k, v, keep, bias, call: _Call, fused: bool):
@@ -420,7 +437,7 @@ def _query_pieces(call, index, queries, keys, rows, k, v):
 def flash_fwd(q, k, v, *, scale: float, window=(-1, -1), softcap: float = 0.0, index=None, bias=None):
     """o (B, Hq, N, Dv) in q's dtype and lse (B, Hq, N) fp32. `index`: a SparseIndex or None (dense);
     `bias`: an additive bias (4-D, broadcastable to (B, Hq, N, M)) or None."""
-    call = _call(q, k, v, scale, window, softcap)
+    call = _call(q, k, v, scale, window, softcap, guarded=_has_nonfinite(k, v))
     out_dtype, acc_dtype = q.dtype, _accum_dtype(q.dtype)
     q, k, v = (x.to(acc_dtype) for x in (q, k, v))
     bias = None if bias is None else _Bias(bias, call.n, call.m, acc_dtype)

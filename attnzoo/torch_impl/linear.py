@@ -6,9 +6,13 @@ before it. Decay is per key channel in log space: with Gam the cumulative log ga
 every factor is exp(Gam_j - Gam_i) or exp(Gam_last - Gam_i) with a non-positive exponent, never a
 ratio of products.
 
-Shapes: q, k (B, H, N, K); v (B, H, N, V); g (B, H, N, K) log gates or None;
-states (B, H, K, V) fp32; chunk_states (B, H, NT, K, V) = the state before each chunk.
+Shapes: q (B, Hq, N, K); k (B, Hk, N, K); v (B, Hk, N, V); g (B, Hk, N, K) log gates or None;
+states (B, Hk, K, V) fp32; chunk_states (B, Hk, NT, K, V) = the state before each chunk. GQA: inside,
+query-side tensors are folded to (B * Hk, G, N, .) and kv-side ones to (B * Hk, 1, N, .), so a kv head
+broadcasts over its G query heads and is never repeated; kv-side gradients sum over the G axis.
 Non-causal (g None): every token reads the state after the last token.
+Causal isolation: a NaN / inf value at token t never reaches the rows before it in its chunk
+(`_intra_values`), as in the kernel.
 """
 
 from __future__ import annotations
@@ -42,23 +46,49 @@ def _pair_decay(gam, causal_mask):
 
 
 def _intra_scores(q, k, gam, causal_mask):
-    """A[j, i] = sum_c q_j[c] k_i[c] exp(Gam_j[c] - Gam_i[c]) for i <= j, else 0: (B, H, C, C)."""
+    """A[j, i] = sum_c q_j[c] k_i[c] exp(Gam_j[c] - Gam_i[c]) for i <= j, else 0: (B, H, C, C). (Masked
+    after the product: a NaN key times a zero decay is NaN.)"""
     if gam is None:
         return (q @ k.transpose(-1, -2)).masked_fill(~causal_mask, 0.0)
-    return torch.einsum("bhjc,bhic,bhjic->bhji", q, k, _pair_decay(gam, causal_mask))
+    return torch.einsum("bhjc,bhic,bhjic->bhji", q, k, _pair_decay(gam, causal_mask)).masked_fill(~causal_mask, 0.0)
+
+
+def _intra_values(scores, v):
+    """scores (B, G, C, C) (causally masked) @ v (B, 1, C, V) with v's NaN / inf kept out of the earlier
+    rows: they enter as 0, and every (j, c) with a non-finite v[i, c] at i <= j is NaN."""
+    finite = torch.isfinite(v)
+    out = scores @ v.masked_fill(~finite, 0.0)
+    return out.masked_fill((~finite).cumsum(dim=2) > 0, float("nan"))
+
+
+def _grouped(x: torch.Tensor | None, kv_heads: int) -> torch.Tensor | None:
+    """(B, H, ...) -> (B * Hk, H / Hk, ...): a kv head's query heads (or, H = Hk, the kv head itself)."""
+    return None if x is None else x.reshape(-1, x.shape[1] // kv_heads, *x.shape[2:])
+
+
+def _ungrouped(x: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+    """Inverse of `_grouped`: (B * Hk, G, ...) -> (B, Hk * G, ...)."""
+    return None if x is None else x.reshape(batch, -1, *x.shape[2:])
 
 
 def chunk_linear_fwd(q, k, v, g, initial_state, *, scale: float, causal: bool, chunk_size: int):
-    """Returns out (B, H, N, V) in the accumulation dtype, chunk_states (B, H, NT, K, V) (None when
-    non-causal: every chunk reads the final state) and the final state (B, H, K, V)."""
-    B, H, N, K = q.shape
-    V = v.shape[-1]
+    """Returns out (B, Hq, N, V) in the accumulation dtype, chunk_states (B, Hk, NT, K, V) (None when
+    non-causal: every chunk reads the final state) and the final state (B, Hk, K, V)."""
+    B, Hk = k.shape[:2]
     acc = _accum_dtype(q.dtype)
-    q, k, v = q.to(acc), k.to(acc), v.to(acc)
-    g = None if g is None else g.to(acc)
+    q = _grouped(q.to(acc), Hk)
+    k, v, g, initial_state = (_grouped(None if x is None else x.to(acc), Hk) for x in (k, v, g, initial_state))
+    out, chunk_states, state = _forward(q, k, v, g, initial_state, scale, causal, chunk_size)
+    return _ungrouped(out, B), _ungrouped(chunk_states, B), _ungrouped(state, B)
+
+
+def _forward(q, k, v, g, state, scale, causal, chunk_size):
+    """chunk_linear_fwd on grouped tensors: q (BHk, G, N, K), k, v, g, state (BHk, 1, ...)."""
+    BHk, G, N, K = q.shape
+    V = v.shape[-1]
     n_chunks = -(-N // chunk_size)
-    state = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(acc).clone()
-    chunk_states = q.new_empty(B, H, n_chunks, K, V) if causal else None
+    state = q.new_zeros(BHk, 1, K, V) if state is None else state.clone()
+    chunk_states = q.new_empty(BHk, 1, n_chunks, K, V) if causal else None
     for n in range(n_chunks):
         if causal:
             chunk_states[:, :, n] = state
@@ -69,7 +99,7 @@ def chunk_linear_fwd(q, k, v, g, initial_state, *, scale: float, causal: bool, c
             k_n = k_n * (last[:, :, None] - gam).exp()
         state = state + k_n.transpose(-1, -2) @ v_n
     causal_mask = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
-    out = q.new_empty(B, H, n_chunks * chunk_size, V)
+    out = q.new_empty(BHk, G, n_chunks * chunk_size, V)
     for n in range(n_chunks):
         rows = slice(n * chunk_size, (n + 1) * chunk_size)
         gam, _ = _chunk_decay(None if g is None else _chunk(g, n, chunk_size))
@@ -77,7 +107,7 @@ def chunk_linear_fwd(q, k, v, g, initial_state, *, scale: float, causal: bool, c
         q_hat = q_n if gam is None else q_n * gam.exp()
         if causal:
             scores = _intra_scores(q_n, _chunk(k, n, chunk_size), gam, causal_mask)
-            out[:, :, rows] = scale * (q_hat @ chunk_states[:, :, n] + scores @ _chunk(v, n, chunk_size))
+            out[:, :, rows] = scale * (q_hat @ chunk_states[:, :, n] + _intra_values(scores, _chunk(v, n, chunk_size)))
         else:
             out[:, :, rows] = scale * (q_hat @ state)
     return out[:, :, :N], chunk_states, state
@@ -85,39 +115,49 @@ def chunk_linear_fwd(q, k, v, g, initial_state, *, scale: float, causal: bool, c
 
 def chunk_linear_bwd(q, k, v, g, chunk_states, final_state, do, dfinal, *, scale: float, causal: bool,
                      chunk_size: int):
-    """Gradients (dq, dk, dv, dh0) of `chunk_linear_fwd` given do (B, H, N, V) and dfinal (B, H, K, V)
-    or None. dh0 is the gradient of the initial state; dg is derived from dq and dk by the caller."""
-    B, H, N, K = q.shape
+    """Gradients (dq (B, Hq, N, K), dk, dv, dh0 (per kv head)) of `chunk_linear_fwd` given do
+    (B, Hq, N, V) and dfinal (B, Hk, K, V) or None. dh0 is the gradient of the initial state; dg is
+    derived from dq and dk by the caller."""
+    B, Hk = k.shape[:2]
     acc = _accum_dtype(q.dtype)
-    q, k, v, do = q.to(acc), k.to(acc), v.to(acc), do.to(acc)
-    g = None if g is None else g.to(acc)
-    dstate = torch.zeros_like(final_state) if dfinal is None else dfinal.to(acc).clone()
+    q, do = (_grouped(x.to(acc), Hk) for x in (q, do))
+    k, v, g, chunk_states, final_state, dfinal = (_grouped(None if x is None else x.to(acc), Hk)
+                                                  for x in (k, v, g, chunk_states, final_state, dfinal))
+    grads = _backward(q, k, v, g, chunk_states, final_state, do, dfinal, scale, causal, chunk_size)
+    return tuple(_ungrouped(x, B) for x in grads)
+
+
+def _backward(q, k, v, g, chunk_states, final_state, do, dfinal, scale, causal, chunk_size):
+    """chunk_linear_bwd on grouped tensors (see _forward); kv-side gradients sum the group axis."""
+    BHk, G, N, K = q.shape
+    dstate = torch.zeros_like(final_state) if dfinal is None else dfinal.clone()
     if not causal:
-        dstate = dstate + scale * q.transpose(-1, -2) @ do
+        dstate = dstate + scale * (q.transpose(-1, -2) @ do).sum(1, keepdim=True)
         return scale * do @ final_state.transpose(-1, -2), v @ dstate.transpose(-1, -2), k @ dstate, dstate
     n_chunks = chunk_states.shape[2]
     causal_mask = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
-    dq, dk, dv = (torch.empty(B, H, n_chunks * chunk_size, x.shape[-1], dtype=acc, device=q.device) for x in (q, k, v))
+    dq = q.new_empty(BHk, G, n_chunks * chunk_size, K)
+    dk, dv = (x.new_empty(BHk, 1, n_chunks * chunk_size, x.shape[-1]) for x in (k, v))
     for n in reversed(range(n_chunks)):
         rows = slice(n * chunk_size, (n + 1) * chunk_size)
         q_n, k_n, v_n, do_n = (_chunk(x, n, chunk_size) for x in (q, k, v, do))
         gam, last = _chunk_decay(None if g is None else _chunk(g, n, chunk_size))
         q_decay = 1.0 if gam is None else gam.exp()                        # exp(Gam_j)
         k_decay = 1.0 if gam is None else (last[:, :, None] - gam).exp()   # exp(Gam_last - Gam_i)
-        d_scores = (do_n @ v_n.transpose(-1, -2)).masked_fill(~causal_mask, 0.0)
+        d_scores = (do_n @ v_n.transpose(-1, -2)).masked_fill(~causal_mask, 0.0)  # (BHk, G, C, C)
         dq_inter = (do_n @ chunk_states[:, :, n].transpose(-1, -2)) * q_decay
         dk_inter = (v_n @ dstate.transpose(-1, -2)) * k_decay
         if gam is None:
             dq_intra, dk_intra = d_scores @ k_n, d_scores.transpose(-1, -2) @ q_n
         else:
-            weighted = d_scores[..., None] * _pair_decay(gam, causal_mask)   # (B, H, C, C, K)
+            weighted = d_scores[..., None] * _pair_decay(gam, causal_mask)   # (BHk, G, C, C, K)
             dq_intra = torch.einsum("bhjic,bhic->bhjc", weighted, k_n)
             dk_intra = torch.einsum("bhjic,bhjc->bhic", weighted, q_n)
         dq[:, :, rows] = scale * (dq_inter + dq_intra)
-        dk[:, :, rows] = dk_inter + scale * dk_intra
+        dk[:, :, rows] = dk_inter + scale * dk_intra.sum(1, keepdim=True)
         scores = _intra_scores(q_n, k_n, gam, causal_mask)
-        dv[:, :, rows] = scale * scores.transpose(-1, -2) @ do_n + (k_n * k_decay) @ dstate
+        dv[:, :, rows] = scale * (scores.transpose(-1, -2) @ do_n).sum(1, keepdim=True) + (k_n * k_decay) @ dstate
         if gam is not None:
             dstate = last.exp()[..., None] * dstate
-        dstate = dstate + scale * (q_n * q_decay).transpose(-1, -2) @ do_n
+        dstate = dstate + scale * ((q_n * q_decay).transpose(-1, -2) @ do_n).sum(1, keepdim=True)
     return dq[:, :, :N], dk[:, :, :N], dv[:, :, :N], dstate
