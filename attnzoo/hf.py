@@ -15,7 +15,8 @@ How it works (see docs/patching.md):
   method, its learned parts (if the method has any) and the decoding state. Modules without one (layers
   left out by `layers=`) run the original implementation.
 - Padding: the mask is reduced to per-key validity, checked to be exactly "padding (+ causal) (+ a sliding
-  window)", and each padded batch row runs on its unpadded tokens alone; padded query rows output zeros.
+  window)", and each padded batch row runs on its unpadded tokens alone; padded query rows output zeros, or,
+  under eager, what eager gives a query that sees no key. An additive float mask goes whole to dense's bias.
 - Keywords: everything the model passes to its attention function is honoured (sliding_window -> window_size,
   softcap, position_bias -> bias, s_aux -> sinks), ignored as bookkeeping (BOOKKEEPING) or refused with an error
   naming it and the layer (call_options); the module's own attention call is checked at patch time
@@ -158,7 +159,7 @@ class LayerShape(NamedTuple):
 
     hidden_size: int
     num_heads: int
-    num_kv_heads: int
+    num_kv_heads: int  # the kv heads the method sees: num_heads where they are repeated (see repeats_kv)
     head_dim: int
     config: Any = None  # the layer's model config, for learned parts that follow the model (RoPE)
 
@@ -180,10 +181,13 @@ class Adapter:
     """How patch() gives a method its learned parts.
 
     build(shape, params) -> nn.Module: one per patched layer (params: the method's bound parameters);
-    inputs(module, LayerInputs) -> dict: the method's call-time inputs, computed at every forward."""
+    inputs(module, LayerInputs) -> dict: the method's call-time inputs, computed at every forward;
+    gqa: the parts take the layer's kv heads as they are (False: patch() repeats k and v to every query head,
+    and builds the parts for that)."""
 
     build: Callable[[LayerShape, dict[str, Any]], nn.Module]
     inputs: Callable[[nn.Module, LayerInputs], dict[str, Any]]
+    gqa: bool = True
 
 
 _ADAPTERS: dict[str, Adapter] = {}
@@ -199,7 +203,7 @@ _KNOWN_ADAPTERS = {
     ),
     "gla": (
         "attnzoo.methods.gla", "GLAGate",
-        lambda cls, s, p: cls(s.hidden_size, s.num_heads, s.head_dim),
+        lambda cls, s, p: cls(s.hidden_size, s.num_kv_heads, s.head_dim),  # g decays each kv head's state
         lambda gate, x: {"g": gate(x.hidden)},
     ),
     "lawcat": (
@@ -215,13 +219,18 @@ _KNOWN_ADAPTERS = {
 }
 
 
-def register_adapter(method: str, build: Callable, inputs: Callable, *, overwrite: bool = False) -> None:
+# known parts with one head count for q and k: patch() repeats the kv heads for them
+_KNOWN_WITHOUT_GQA = frozenset({"lawcat"})
+
+
+def register_adapter(method: str, build: Callable, inputs: Callable, *, gqa: bool = True,
+                     overwrite: bool = False) -> None:
     """Give `method` learned parts when it is patched into a model (see `Adapter`)."""
     if not callable(build) or not callable(inputs):
         raise TypeError("register_adapter: build and inputs must be callable")
     if method in _ADAPTERS and not overwrite:
         raise ValueError(f"method {method!r} already has an adapter; pass overwrite=True to replace it")
-    _ADAPTERS[method] = Adapter(build, inputs)
+    _ADAPTERS[method] = Adapter(build, inputs, gqa)
 
 
 def adapter_for(method: str) -> Adapter | None:
@@ -239,7 +248,12 @@ def adapter_for(method: str) -> Adapter | None:
         raise NotImplementedError(
             f"patching {method!r} needs its learned parts {module_name}.{class_name}, which does not exist yet"
         )
-    return Adapter(lambda shape, params: build(cls, shape, params), inputs)
+    return Adapter(lambda shape, params: build(cls, shape, params), inputs, gqa=method not in _KNOWN_WITHOUT_GQA)
+
+
+def repeats_kv(method: api.Method, adapter: Adapter | None) -> bool:
+    """Whether patch() repeats k and v to every query head for `method`: it has no GQA, or its parts do not."""
+    return not method.info.supports.gqa or (adapter is not None and not adapter.gqa)
 
 
 def _layer_shape(module: nn.Module) -> LayerShape:
@@ -283,6 +297,7 @@ class ZooLayer(nn.Module):
         self.where = where  # how errors name the layer (see _where)
         family = method.info.family
         self.dense_for_one_query = family == "sparse"  # a single decoding query has nothing to skip
+        self.repeats_kv = repeats_kv(method, adapter)
         self.keeps_queries = family == "linear"  # decoding recomputes over the cached sequence
         self.adapter_inputs = adapter.inputs if adapter else None
         self.adapter = adapter.build(shape, dict(method.params)) if adapter else None
@@ -410,7 +425,7 @@ class ZooLayer(nn.Module):
 
     def _attend(self, q, k, v, hidden, bias, call: dict[str, Any]):
         fn = api.get("dense") if self.dense_for_one_query and q.shape[2] == 1 else self.method
-        if q.shape[1] != k.shape[1] and not fn.info.supports.gqa:
+        if q.shape[1] != k.shape[1] and (self.repeats_kv if fn is self.method else not fn.info.supports.gqa):
             groups = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         inputs = {} if bias is None else {"bias": bias}
@@ -760,7 +775,10 @@ def _where(model: nn.Module, index: int, module: nn.Module) -> str:
 
 
 def _attach(module: nn.Module, method: api.Method, backend: str, adapter: Adapter | None, where: str) -> None:
-    layer = ZooLayer(method, backend=backend, adapter=adapter, shape=_layer_shape(module), where=where)
+    shape = _layer_shape(module)
+    if repeats_kv(method, adapter):
+        shape = shape._replace(num_kv_heads=shape.num_heads)
+    layer = ZooLayer(method, backend=backend, adapter=adapter, shape=shape, where=where)
     layer.train(module.training)
     reference = next(module.parameters(), None)
     if reference is not None:

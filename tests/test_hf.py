@@ -376,6 +376,23 @@ def test_registered_adapter_feeds_the_method(register):
     hf.unpatch(model)
 
 
+@pytest.mark.parametrize("gqa", [True, False])
+def test_adapter_without_gqa_gets_kv_heads_repeated(register, gqa):
+    seen = []
+
+    def heads(q, k, v, *, causal, scale, backend, part=None):
+        seen.append((k.shape[1], part))
+        return torch.zeros_like(q)
+
+    register("test_hf_heads", heads, inputs=["part"], supports={"dtypes": ["float32"], "gqa": True})
+    hf.register_adapter("test_hf_heads", lambda shape, params: torch.nn.Linear(1, shape.num_kv_heads),
+                        lambda lin, x: {"part": lin.out_features}, gqa=gqa, overwrite=True)
+    model = llama()  # 4 query heads, 2 kv heads
+    with hf.patched(model, "test_hf_heads", layers=[0]):
+        run(model, tokens(1, 5))
+    assert seen == [(2, 2)] if gqa else [(4, 4)]
+
+
 # ---------------------------------------------------------------------------------------------------
 # layers, unpatch, errors
 
@@ -539,9 +556,7 @@ def test_windows_and_softcap_reach_dense_per_layer(register):
 def test_bound_window_intersects_the_models():
     model = windowed("mistral")
     narrower = windowed("mistral")
-    narrower.config.sliding_window = 3
-    for _, module in hf.attention_layers(narrower):
-        module.config.sliding_window = 3
+    narrower.config.sliding_window = 3  # the same weights, a window of 3 (the query and 2 keys before it)
     ids = tokens(1, 9)
     want = run(narrower, ids)
     with hf.patched(model, method_or_skip("dense"), window_size=(2, 0), **TORCH):
@@ -555,12 +570,29 @@ def test_bound_softcap_conflicting_with_the_models_raises():
             run(model, tokens(1, 9))
 
 
+@pytest.mark.parametrize("name", ["mistral", "gemma2"])
+def test_sparse_method_takes_the_window_and_softcap(name):
+    """XAttention keeping every block is dense attention: with the model's window and softcap it matches the
+    model, prompt and decoding steps (whose single query falls back to dense, window and softcap included)."""
+    model = windowed(name)
+    ids = tokens(2, 20)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    want_ids, want_logits = _decode_logits(model, ids, mask)
+    with hf.patched(model, method_or_skip("xattention"), threshold=1.0, block_size=16, stride=4, **TORCH):
+        got_ids, got_logits = _decode_logits(model, ids, mask)
+    assert torch.equal(got_ids, want_ids)
+    assert_close(got_logits, want_logits)
+
+
 @pytest.mark.parametrize("name,keyword", [("mistral", "sliding_window"), ("gemma2", "softcap")])
-def test_sparse_method_refuses_window_and_softcap_at_patch_time(name, keyword):
+def test_method_without_window_or_softcap_refuses_at_patch_time(name, keyword):
     model = windowed(name, layer_types=["full_attention"] * 2)
-    refusal = f"{name} layer 0 .* passes {keyword} .*'xattention'.*patch with 'dense'"
+    if "window_size" in attnzoo.info(method_or_skip("based")).params:
+        pytest.skip("based takes window_size now")
+    refusal = f"{name} layer 0 .* passes {keyword} .*'based' has no '(window_size|softcap)'.*patch with 'block_sparse'"
     with pytest.raises(NotImplementedError, match=refusal):
-        hf.patch(model, method_or_skip("xattention"), **TORCH)
+        hf.patch(model, "based", **TORCH)
     assert not hasattr(model, hf._MARK)
 
 
@@ -650,7 +682,7 @@ def test_t5_position_bias_is_honoured_or_refused():
         with pytest.raises(NotImplementedError, match="t5 layer 0 .*position_bias.*'dense' has no 'bias'"):
             hf.patch(model, "dense")
         return
-    with hf.patched(model, "dense", **TORCH):
+    with hf.patched(model, "dense"):  # as the issue ran it: the default backend (the kernel, interpreted here)
         got = model(input_ids=x, decoder_input_ids=d).logits
         assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
         with pytest.raises(NotImplementedError, match="t5 layer 0 .*position_bias.*patch with 'dense'"):

@@ -144,8 +144,8 @@ def test_invalid_calls_raise_and_say_why():
         attnzoo.linear_state("gla")(q[:, :, :1], k[:, :, :1], v[:, :, :1], None, g_t=-g[:, :, :1])
     with pytest.raises(TypeError, match="initial_state has dtype torch.float64"):
         gla(q, k, v, causal=True, initial_state=torch.zeros(1, 2, 16, 24, dtype=torch.float64))
-    with pytest.raises(ValueError, match="grouped-query"):
-        gla(q, k[:, :1], v[:, :1], causal=True)
+    with pytest.raises(ValueError, match=r"g has shape \(1, 2, 8, 16\); expected \(1, 1, 8, 16\)"):
+        gla(q, k[:, :1], v[:, :1], causal=True, g=g)  # GQA: the gates are the kv head's
     with pytest.raises(ValueError, match="one length"):
         gla(q, k[:, :, :5], v[:, :, :5], causal=True)
     with pytest.raises(ValueError, match="fla"):

@@ -54,14 +54,14 @@ def _case(name, draw, q, k, causal, gen):
         w = torch.randn(1, draw(st.sampled_from([1, Hk])), M, rank, generator=gen)
         return {"rank": None}, {"bias_factors": (u, w)}
     if name == "gla":
-        return {"chunk_size": 16}, {"g": F.logsigmoid(torch.randn(q.shape, generator=gen) + 2),
-                                    "initial_state": torch.randn(B, Hq, D, D, generator=gen)}
+        return {"chunk_size": 16}, {"g": F.logsigmoid(torch.randn(B, Hk, N, D, generator=gen) + 2),  # per kv head
+                                    "initial_state": torch.randn(B, Hk, D, D, generator=gen)}
     if name == "based":
         return {"chunk_size": 16, "use_norm": draw(st.booleans())}, {}
     if name == "lawcat":
         return {"chunk_size": 16, "feature_map": "elu1"}, {
-            "g": F.logsigmoid(torch.randn(B, Hq, N, generator=gen) + 2),
-            "conv_q": torch.rand(Hq, D, 3, generator=gen), "conv_k": torch.rand(Hq, D, 3, generator=gen)}
+            "g": F.logsigmoid(torch.randn(B, Hk, N, generator=gen) + 2),  # g and conv_k per kv head
+            "conv_q": torch.rand(Hq, D, 3, generator=gen), "conv_k": torch.rand(Hk, D, 3, generator=gen)}
     assert name == "wersa", name
     levels = draw(st.integers(0, 3))
     return {"chunk_size": 16, "levels": levels, "num_features": 32,

@@ -73,4 +73,4 @@ class GLAGate(torch.nn.Module):
 
 
 def example_kwargs(q, k, v, *, causal):
-    return {"g": F.logsigmoid(torch.randn_like(q)) / 4}
+    return {"g": F.logsigmoid(torch.randn_like(k)) / 4}  # per kv head

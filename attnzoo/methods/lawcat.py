@@ -129,7 +129,7 @@ def step(q_t, k_t, v_t, state=None, *, g_t=None, conv_q=None, conv_k=None, featu
     phi = feature_map_fn(feature_map)
     linear_state = None if state.S is None else (state.S, state.z)
     out, (S, z) = _linear.step(phi(q_conv), phi(k_conv), v_t, linear_state, scale=1.0,
-                               g_t=_gate_per_channel(g_t, q_t.shape), normalize=True, eps=eps)
+                               g_t=_gate_per_channel(g_t, k_t.shape), normalize=True, eps=eps)
     return out, LAWCATState(S, z, q_window, k_window)
 
 
@@ -155,22 +155,27 @@ class LearnedFeatureMap(torch.nn.Module):
 
 
 class LAWCATAdapter(torch.nn.Module):
-    """The learned parts LAWCAT adds to an attention layer: depthwise causal conv kernels for q and k
-    (H, D, kernel_size), initialised to the identity (last tap 1), a per-head forget gate computed
-    from k, g = logsigmoid(k . w_h + b_h) (B, H, N), initialised to w = 0, b = 3 (a = 0.95), and with
-    `learned_feature_map` a `LearnedFeatureMap` shared by q and k (identity-initialised: it starts as
-    "elu1"). `adapter(q, k)` returns the keyword arguments of `lawcat`: conv_q, conv_k, g (and
-    feature_map)."""
+    """The learned parts LAWCAT adds to an attention layer: depthwise causal conv kernels for q
+    (num_heads, D, kernel_size) and k (num_kv_heads, D, kernel_size), initialised to the identity (last
+    tap 1), a per-kv-head forget gate computed from k, g = logsigmoid(k . w_h + b_h) (B, Hk, N),
+    initialised to w = 0, b = 3 (a = 0.95), and with `learned_feature_map` a `LearnedFeatureMap` shared
+    by q and k (identity-initialised: it starts as "elu1"; per head, so it needs num_kv_heads ==
+    num_heads). `adapter(q, k)` returns the keyword arguments of `lawcat`: conv_q, conv_k, g (and
+    feature_map). num_kv_heads None means num_heads (no GQA)."""
 
     def __init__(self, num_heads: int, head_dim: int, kernel_size: int = 4, gate_bias: float = 3.0,
-                 learned_feature_map: bool = False):
+                 learned_feature_map: bool = False, num_kv_heads: int | None = None):
         super().__init__()
-        identity = torch.zeros(num_heads, head_dim, kernel_size)
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if learned_feature_map and num_kv_heads != num_heads:
+            raise ValueError(f"learned_feature_map is one map per head shared by q and k, so it needs "
+                             f"num_kv_heads == num_heads, got {num_kv_heads} and {num_heads}")
+        identity = torch.zeros(head_dim, kernel_size)
         identity[..., -1] = 1.0
-        self.conv_q = torch.nn.Parameter(identity.clone())
-        self.conv_k = torch.nn.Parameter(identity.clone())
-        self.gate_weight = torch.nn.Parameter(torch.zeros(num_heads, head_dim))
-        self.gate_bias = torch.nn.Parameter(torch.full((num_heads,), gate_bias))
+        self.conv_q = torch.nn.Parameter(identity.repeat(num_heads, 1, 1))
+        self.conv_k = torch.nn.Parameter(identity.repeat(num_kv_heads, 1, 1))
+        self.gate_weight = torch.nn.Parameter(torch.zeros(num_kv_heads, head_dim))
+        self.gate_bias = torch.nn.Parameter(torch.full((num_kv_heads,), gate_bias))
         self.feature_map = LearnedFeatureMap(num_heads, head_dim) if learned_feature_map else None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor) -> dict:
@@ -183,8 +188,7 @@ class LAWCATAdapter(torch.nn.Module):
 
 
 def example_kwargs(q, k, v, *, causal):
-    H, D = q.shape[1], q.shape[-1]
-    adapter = LAWCATAdapter(H, D).to(q.device)
+    adapter = LAWCATAdapter(q.shape[1], q.shape[-1], num_kv_heads=k.shape[1]).to(q.device)
     with torch.no_grad():
         adapter.conv_q.add_(0.1 * torch.randn_like(adapter.conv_q))
         adapter.conv_k.add_(0.1 * torch.randn_like(adapter.conv_k))

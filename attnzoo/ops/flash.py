@@ -20,33 +20,82 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ..block_mask import BlockMask
+from ..block_mask import BlockMask, SparseIndex
 from ..geometry import block_geometry, causal_window
 from .dispatch import implementation
+
+
+# The two halves of the op are torch custom ops, so that torch.compile treats them as opaque calls
+# (no graph break for the data-dependent loops inside either implementation) and meta / fake tensors
+# get outputs of the right shape. A SparseIndex travels as its eight tensors and its block sizes.
+
+_INDEX_FIELDS = ("kv_count_full", "kv_index_full", "kv_count_part", "kv_index_part",
+                 "q_count_full", "q_index_full", "q_count_part", "q_index_part")
+
+
+def _index_parts(index: SparseIndex | None) -> tuple[list[torch.Tensor], list[int]]:
+    if index is None:
+        return [], []
+    return [getattr(index, name) for name in _INDEX_FIELDS], [index.block_q, index.block_k]
+
+
+def _index_from(parts: list[torch.Tensor], blocks: list[int]) -> SparseIndex | None:
+    return SparseIndex(blocks[0], blocks[1], *parts) if parts else None
+
+
+@torch.library.custom_op("attnzoo::flash_forward", mutates_args=())
+def _flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                   index: list[torch.Tensor], blocks: list[int], scale: float, window: list[int], softcap: float,
+                   impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return implementation("flash", impl).flash_fwd(q, k, v, scale=scale, window=tuple(window), softcap=softcap,
+                                                   index=_index_from(index, blocks), bias=bias)
+
+
+@_flash_forward.register_fake
+def _(q, k, v, bias, index, blocks, scale, window, softcap, impl):
+    B, Hq, N = q.shape[:3]
+    return q.new_empty(B, Hq, N, v.shape[-1]), q.new_empty(B, Hq, N, dtype=torch.float32)
+
+
+@torch.library.custom_op("attnzoo::flash_backward", mutates_args=())
+def _flash_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                    lse: torch.Tensor, dlse: torch.Tensor | None, bias: torch.Tensor | None,
+                    index: list[torch.Tensor], blocks: list[int], scale: float, window: list[int], softcap: float,
+                    impl: str, bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dbias); dbias is empty without `bias_grad`."""
+    dq, dk, dv, dbias = implementation("flash", impl).flash_bwd(
+        do, q, k, v, o, lse, scale=scale, window=tuple(window), softcap=softcap, index=_index_from(index, blocks),
+        dlse=dlse, bias=bias, bias_grad=bias_grad)
+    return dq, dk, dv, (dbias.to(bias.dtype) if bias_grad else q.new_empty(0))
+
+
+@_flash_backward.register_fake
+def _(do, q, k, v, o, lse, dlse, bias, index, blocks, scale, window, softcap, impl, bias_grad):
+    dbias = torch.empty_like(bias) if bias_grad else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
 
 
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias, scale, window, softcap, index, impl):
-        o, lse = impl.flash_fwd(q, k, v, scale=scale, window=window, softcap=softcap, index=index, bias=bias)
-        ctx.save_for_backward(q, k, v, o, lse, bias)
+        parts, blocks = _index_parts(index)
+        o, lse = _flash_forward(q, k, v, bias, parts, blocks, scale, list(window), softcap, impl)
+        ctx.save_for_backward(q, k, v, o, lse, bias, *parts)
         ctx.set_materialize_grads(False)  # an unused lse brings dlse None, not zeros (the twin's fast path)
-        ctx.args = (impl, scale, window, softcap, index)
+        ctx.args = (impl, scale, list(window), softcap, blocks)
         return o, lse
 
     @staticmethod
     @once_differentiable  # the backward kernels are not differentiable: a second derivative raises
     def backward(ctx, do, dlse):
-        q, k, v, o, lse, bias = ctx.saved_tensors
-        impl, scale, window, softcap, index = ctx.args
+        q, k, v, o, lse, bias, *parts = ctx.saved_tensors
+        impl, scale, window, softcap, blocks = ctx.args
         if do is None:
             do = torch.zeros_like(o)
         bias_grad = bias is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, dbias = impl.flash_bwd(do, q, k, v, o, lse, scale=scale, window=window, softcap=softcap,
-                                           index=index, dlse=dlse, bias=bias, bias_grad=bias_grad)
-        if dbias is not None:
-            dbias = dbias.to(bias.dtype)
-        return dq, dk, dv, dbias, None, None, None, None, None
+        dq, dk, dv, dbias = _flash_backward(do, q, k, v, o, lse, dlse, bias, parts, blocks, scale, window, softcap,
+                                            impl, bias_grad)
+        return dq, dk, dv, (dbias if bias_grad else None), None, None, None, None, None
 
 
 def compact_bias(bias: torch.Tensor) -> torch.Tensor:
@@ -110,7 +159,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
                                              enable_gqa=q.shape[1] != k.shape[1])
         return out, None
     index = None if block_mask is None else block_mask.sparse_index(n, m, causal=False, window=window)
-    impl = implementation("flash", "triton" if path == "triton" else "torch")
+    impl = "triton" if path == "triton" else "torch"
     bias = None if bias is None else compact_bias(bias)
     out, lse = _FlashAttention.apply(q, k, v, bias, scale, window, softcap, index, impl)
     return (out, lse) if sinks is None else with_sinks(out, lse, sinks)

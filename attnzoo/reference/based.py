@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .linear import quadratic_linear_attention
+from .linear import per_query_head, quadratic_linear_attention
 
 
 def taylor_features(x, scale: float = 1.0):
@@ -29,5 +29,7 @@ def taylor_kernel(q, k, scale: float):
 
 
 def based(q, k, v, *, causal: bool, scale: float, use_norm: bool = True, eps: float = 1e-6):
-    """o (B, H, N, Dv); `use_norm=False` returns the numerator sum_s K v_s only."""
+    """o (B, Hq, N, Dv) for q (B, Hq, N, D), k (B, Hk, N, D), v (B, Hk, N, Dv) (query head h reads kv
+    head h // (Hq / Hk)); `use_norm=False` returns the numerator sum_s K v_s only."""
+    k, v = per_query_head(k, q.shape[1]), per_query_head(v, q.shape[1])
     return quadratic_linear_attention(taylor_kernel(q, k, scale), v, causal=causal, normalize=use_norm, eps=eps)

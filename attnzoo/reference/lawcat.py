@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .linear import recurrent_linear_attention
+from .linear import per_query_head, recurrent_linear_attention
 
 
 def elu1(x):
@@ -44,11 +44,14 @@ def causal_depthwise_conv(x, weight):
 
 
 def lawcat(q, k, v, *, g=None, conv_q=None, conv_k=None, feature_map: str = "elu1", eps: float = 1e-6):
-    """o (B, H, N, Dv) for q, k (B, H, N, D), v (B, H, N, Dv)."""
+    """o (B, Hq, N, Dv) for q (B, Hq, N, D), k (B, Hk, N, D), v (B, Hk, N, Dv); conv_q (Hq, D, r + 1),
+    conv_k and g of the kv heads (query head h reads kv head h // (Hq / Hk))."""
     phi = feature_map if callable(feature_map) else FEATURE_MAPS[feature_map]
     phi_q, phi_k = phi(causal_depthwise_conv(q, conv_q)), phi(causal_depthwise_conv(k, conv_k))
     if g is not None:
         g = g.to(q.dtype)
         if g.dim() == 3:  # one gate per head: the same decay for every channel
-            g = g[..., None].expand(q.shape)
+            g = g[..., None].expand(k.shape)
+    hq = q.shape[1]
+    phi_k, v, g = per_query_head(phi_k, hq), per_query_head(v, hq), per_query_head(g, hq)
     return recurrent_linear_attention(phi_q, phi_k, v, g=g, causal=True, normalize=True, eps=eps)[0]

@@ -7,6 +7,14 @@ from __future__ import annotations
 import torch
 
 
+def per_query_head(x, query_heads: int):
+    """GQA by definition: x (B, Hk, ...) of a kv head -> (B, Hq, ...), query head h reading kv head
+    h // (Hq / Hk). None stays None."""
+    if x is None:
+        return None
+    return x.repeat_interleave(query_heads // x.shape[1], dim=1)
+
+
 def recurrent_linear_attention(q, k, v, *, g=None, scale: float = 1.0, causal: bool = True,
                                normalize: bool = False, eps: float = 0.0, initial_state=None,
                                initial_normalizer=None):

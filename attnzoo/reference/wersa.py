@@ -93,9 +93,12 @@ def random_features(x, projection):
 
 
 def wersa(q, k, v, *, levels: int = 2, num_features: int = 256, gains=None, seed: int = 0):
-    """o (B, H, N, Dv) for q, k (B, H, N, D), v (B, H, N, Dv); rows with no feature mass output 0."""
+    """o (B, Hq, N, Dv) for q (B, Hq, N, D), k (B, Hk, N, D), v (B, Hk, N, Dv); rows with no feature
+    mass output 0."""
     projection = omega(q.shape[-1], num_features, seed).to(dtype=q.dtype, device=q.device)
     phi_q = random_features(wavelet_filter(q, levels, gains), projection)
     phi_k = random_features(wavelet_filter(k, levels, gains), projection)
+    group = q.shape[1] // k.shape[1]  # GQA: query head h reads kv head h // group
+    phi_k, v = phi_k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     weights = phi_q @ phi_k.transpose(-1, -2)
     return weights @ v / (weights.sum(-1, keepdim=True) + EPS)
