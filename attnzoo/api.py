@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from . import varlen
 from .ops.dispatch import resolve as resolve_backend
 from .registry import REGISTRY, MethodInfo
 from .validation import check_causal, check_qkv, resolve_scale
@@ -36,6 +37,11 @@ class Method:
         return self.info.name
 
     @property
+    def bound(self) -> dict[str, Any]:
+        """The keywords bound by `attnzoo.get(name, **bound)` (parameters and inputs)."""
+        return dict(self._bound)
+
+    @property
     def params(self) -> dict[str, Any]:
         """The method parameters this callable will use: registry defaults overridden by bound values."""
         return {**self.info.params, **{k: v for k, v in self._bound.items() if k in self.info.params}}
@@ -52,6 +58,8 @@ class Method:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool | None = None,
                  scale: float | None = None, backend: str = "auto", **kwargs):
+        if any(name in kwargs for name in varlen.PACK_KEYWORDS):  # packed sequences: docs/varlen.md
+            return varlen.packed(self, q, k, v, causal=causal, scale=scale, backend=backend, **kwargs)
         info = self.info
         if causal is None:  # the method's natural default: non-causal where it can be, like SDPA
             causal = not info.supports.non_causal

@@ -570,19 +570,98 @@ def test_bound_softcap_conflicting_with_the_models_raises():
             run(model, tokens(1, 9))
 
 
-@pytest.mark.parametrize("name", ["mistral", "gemma2"])
-def test_sparse_method_takes_the_window_and_softcap(name):
-    """XAttention keeping every block is dense attention: with the model's window and softcap it matches the
-    model, prompt and decoding steps (whose single query falls back to dense, window and softcap included)."""
+@pytest.fixture
+def spy(monkeypatch):
+    """watch(name): from now on, record (method, queries, window_size, softcap) of every call registry method `name`
+    gets (patch() and the single-query dense fallback look methods up in the registry). Returns (watch, calls)."""
+    from attnzoo.registry import REGISTRY
+
+    calls = []
+
+    def watch(name):
+        fn = REGISTRY.function(name)
+
+        def spied(q, k, v, **kwargs):
+            calls.append((name, q.shape[2], tuple(kwargs["window_size"]), kwargs["softcap"]))
+            return fn(q, k, v, **kwargs)
+
+        monkeypatch.setitem(REGISTRY._functions, name, spied)
+
+    return watch, calls
+
+
+# Causal sparse methods with parameters that keep every block a query may see (16-token blocks: a 20-token prompt
+# spans two, and the windowed models' window of 5 crosses the block boundary, so it cuts into the chosen blocks).
+# block_sparse's mask is one 32-token block, so that it fits every call of a generation up to 32 tokens.
+KEEP_EVERY_BLOCK = {
+    "xattention": dict(threshold=1.0, block_size=16, stride=4),
+    "seerattention": dict(topk_ratio=1.0, block_size=16),
+    "s2": dict(block_size=16, local_blocks=2, vert_stride=4),
+    "block_sparse": dict(block_size=32, block_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool)),
+}
+# each layer's (window_size, softcap) as the method must get it: transformers' window 5 is the query and 4 keys
+LAYER_OPTIONS = {"mistral": [((4, 4), 0.0), ((4, 4), 0.0)], "gemma2": [((4, 4), 1.0), ((-1, -1), 1.0)]}
+SPARSE_WINDOW_CASES = [(name, method, "torch") for name in LAYER_OPTIONS for method in KEEP_EVERY_BLOCK] + [
+    ("gemma2", "xattention", "triton"),  # on the Triton interpreter: window, softcap, padding, KV cache
+]
+
+
+@pytest.mark.parametrize("name,method,backend", SPARSE_WINDOW_CASES)
+def test_sparse_method_takes_each_layers_window_and_softcap(spy, name, method, backend):
+    """A sparse method patched into a windowed model (every layer: mistral; local/global layers with softcap:
+    gemma2) gets each layer's window and softcap on its prompt calls, the decoding steps' dense fallback gets
+    them too, and, keeping every block, it generates through the KV cache what it generates without a cache, with
+    every step's logits those of the unpatched model."""
+    watch, calls = spy
     model = windowed(name)
     ids = tokens(2, 20)
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
     want_ids, want_logits = _decode_logits(model, ids, mask)
-    with hf.patched(model, method_or_skip("xattention"), threshold=1.0, block_size=16, stride=4, **TORCH):
+    watch(method_or_skip(method))
+    watch("dense")
+    with hf.patched(model, method, **KEEP_EVERY_BLOCK[method], backend=backend):
+        run(model, ids[:1])
+        assert calls == [(method, 20, *options) for options in LAYER_OPTIONS[name]]  # (a), layer by layer
+        calls.clear()
         got_ids, got_logits = _decode_logits(model, ids, mask)
-    assert torch.equal(got_ids, want_ids)
+        uncached = greedy(model, ids, mask, use_cache=False)
+    seen = {(fn, n == 1, *options) for fn, n, *options in calls}
+    assert seen == {(fn, one, *options) for fn, one in [(method, False), ("dense", True)]
+                    for options in LAYER_OPTIONS[name]}  # (a): prompt calls and decoding steps alike
+    assert torch.equal(uncached, got_ids)  # (b)
+    assert torch.equal(got_ids, want_ids)  # (c)
     assert_close(got_logits, want_logits)
+
+
+def modernbert():
+    """A tiny ModernBERT encoder: a local layer (local_attention 6: 3 keys on each side) and a global one."""
+    torch.manual_seed(0)
+    config = transformers.ModernBertConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        local_attention=6, layer_types=["sliding_attention", "full_attention"], pad_token_id=0,
+        attn_implementation="eager",
+    )
+    return transformers.ModernBertForMaskedLM(config).eval()
+
+
+@pytest.mark.parametrize("method,params", [("sparsed", dict(select=1.0, block_size=16)),
+                                           ("xattention", dict(threshold=1.0, block_size=16, stride=4))])
+def test_sparse_method_takes_an_encoders_window(spy, method, params):
+    """A non-causal sparse method (SparseD is non-causal only) in an encoder with local and global layers gets each
+    layer's bidirectional window, and, keeping every block, matches the unpatched model with right padding."""
+    watch, calls = spy
+    model = modernbert()
+    ids = tokens(2, 20)
+    mask = torch.ones_like(ids)
+    mask[1, 15:] = 0
+    want = run(model, ids, mask)
+    watch(method_or_skip(method))
+    with hf.patched(model, method, **params, **TORCH):
+        got = run(model, ids, mask)
+    assert calls == [(method, n, window, 0.0) for window in [(3, 3), (-1, -1)] for n in (20, 15)]
+    real = mask.bool()
+    assert_close(got[real], want[real])
 
 
 @pytest.mark.parametrize("name,keyword", [("mistral", "sliding_window"), ("gemma2", "softcap")])
@@ -715,23 +794,60 @@ def test_gpt_oss_sinks_are_honoured_or_refused():
 
 
 # ---------------------------------------------------------------------------------------------------
+# autocast (tests/test_hf_autocast.py runs it on the torch backend)
+
+
+def test_patched_attention_follows_autocast_on_the_interpreter():
+    """Under torch.autocast, each patched layer's attention output comes in the autocast dtype, as SDPA's does,
+    and the model's logits stay close to the unpatched model's under autocast."""
+    model = llama()
+    ids = tokens(2, 12)
+    dtypes = []
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        want = run(model, ids)
+        sdpa_dtype = F.scaled_dot_product_attention(*torch.randn(3, 1, 1, 4, 16)).dtype
+        with hf.patched(model, "dense", backend="triton"):
+            for _, module in hf.attention_layers(model):
+                module.attnzoo.register_forward_hook(lambda layer, args, out: dtypes.append(out.dtype))
+            got = run(model, ids)
+    assert dtypes == [sdpa_dtype] * 2 and sdpa_dtype == torch.bfloat16
+    assert got.dtype == want.dtype
+    assert_close(got.float(), want.float(), rel=3e-2)
+
+
+# ---------------------------------------------------------------------------------------------------
 # registry defaults
 
-# methods whose required input no model has: patch() takes it bound, e.g. patch(model, "block_sparse", block_mask=...)
-NEEDS_AN_INPUT = {"block_sparse": "block_mask", "flashbias": "bias"}
+# Methods whose required input no model has: patch() takes it bound, and without it the first forward raises naming
+# the input. What the test binds fits every call of its models: one block of 128 keys, one ALiBi slope per head.
+NEEDS_AN_INPUT = {
+    "block_sparse": ("block_mask", lambda: {"block_mask": torch.ones(1, 1, 1, 1, dtype=torch.bool)}),
+    "flashbias": ("bias", lambda: {"alibi_slopes": torch.rand(4)}),
+}
+# seconds per forward under the Triton interpreter even at these sizes: patched on the torch backend only here
+# (their kernels are tested on the interpreter directly; xattention's patched path in the window test above)
+SLOW_INTERPRETED = {"based", "wersa", "sparsed", "lawcat", "xattention"}
+METHODS = [name for name in attnzoo.list_methods() if not name.startswith("test_")]
+DEFAULTS_CASES = [(name, "torch") for name in METHODS] + [(name, "triton") for name in METHODS
+                                                           if name not in SLOW_INTERPRETED]
 
 
-@pytest.mark.parametrize("method", [name for name in attnzoo.list_methods() if not name.startswith("test_")])
-def test_every_method_patches_with_its_defaults(method):
-    """patch(model, name) with registry defaults only: a causal model where the method is causal, else an encoder."""
+@pytest.mark.parametrize("method,backend", DEFAULTS_CASES)
+def test_every_method_patches_with_its_defaults(method, backend):
+    """patch(model, name) with registry defaults only (a causal model where the method is causal, else an encoder)
+    runs and gives finite logits; a method that needs an input refuses naming it, and runs once it is bound."""
     info = attnzoo.info(method_or_skip(method))
     model = llama() if info.supports.causal else bert()
-    hf.patch(model, method, **TORCH)
+    ids = tokens(2, 12)
+    bound = {}
     if method in NEEDS_AN_INPUT:
-        with pytest.raises((TypeError, ValueError), match=f"layer 0 .*{NEEDS_AN_INPUT[method]}"):
-            run(model, tokens(2, 20))
-        return
-    logits = run(model, tokens(2, 20))
+        needed, make = NEEDS_AN_INPUT[method]
+        with hf.patched(model, method, backend=backend):
+            with pytest.raises((TypeError, ValueError), match=f"layer 0 .*{needed}"):
+                run(model, ids)
+        bound = make()
+    with hf.patched(model, method, backend=backend, **bound):
+        logits = run(model, ids)
     assert torch.isfinite(logits).all()
 
 

@@ -4,9 +4,10 @@ that names the argument and the model type. Never a silent change.
 
 The model types are those of transformers' causal-LM, seq2seq-LM and masked-LM mappings whose attention goes
 through the AttentionInterface, each built from its default config shrunk to a tiny size (hidden 64, 2 layers,
-vocab 97, a sliding window of 6 where the config has one). Those that cannot be built tiny or run on CPU are
-skipped with the reason recorded. `test_representative_models` runs a few of each kind of attention keyword
-(fast); `test_every_model_type` (slow) runs them all and checks the table in docs/patching.md.
+vocab 97, a sliding window of 6 where the config has one, switched on where the default config has it off).
+Those that cannot be built tiny or run on CPU are skipped with the reason recorded. `test_representative_models`
+runs a few of each kind of attention keyword (fast; one of them also on the Triton interpreter);
+`test_every_model_type` (slow) runs them all and checks the table in docs/patching.md.
 `python tests/test_hf_models.py` writes that table into docs/patching.md.
 """
 
@@ -47,16 +48,23 @@ TINY = dict(
     attn_logit_softcapping=1.0, pad_token_id=0, rotary_dim=8,
     qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, kv_lora_rank=16, q_lora_rank=32,  # multi-head latent
     attention_types=[[["global", "local"], 1]], window_size=WINDOW,  # gpt-neo: one global, one local layer
+    # windows that the test sequences pass, in configs that switch them off or set them long by default
+    use_sliding_window=True, max_window_layers=1,  # qwen2/qwen3 family: windowed from the second layer
+    local_attention=WINDOW,  # modernbert: local layers see WINDOW // 2 keys on each side
+    attention_chunk_size=WINDOW,  # llama4: chunked attention
+    keep_window_size=WINDOW,  # doge: its dynamic mask keeps this many keys
 )
 SOFTCAP_INIT = 0.2  # the initializer range of models with a softcap: scores large enough for it to bend them
 MAX_PARAMETERS = 20_000_000
 # a few of each kind: those of issue 12's report, sliding windows (every layer, alternating, through the mask
 # alone: phimoe), softcap, position bias, sinks, latent attention, a module that does not say whether it is
 # causal (layoutlm), an encoder with local layers (modernbert), an additive mask (doge), recurrent layers that
-# read padded positions (recurrent_gemma), a refusal (a sparse index: deepseek_v32)
+# read padded positions (recurrent_gemma), and two refusals: at patch time (a sparse index: deepseek_v32) and at
+# the first forward (a chunked-attention mask: llama4_text)
 REPRESENTATIVE = ["llama", "qwen2", "qwen3", "qwen3_moe", "mistral", "phi3", "gemma", "gemma2", "gemma3_text",
                   "gpt_neox", "gpt2", "olmo2", "starcoder2", "bert", "modernbert", "bart", "t5", "gpt_oss", "phimoe",
-                  "deepseek_v3", "layoutlm", "doge", "recurrent_gemma", "deepseek_v32"]
+                  "deepseek_v3", "layoutlm", "doge", "recurrent_gemma", "deepseek_v32", "llama4_text"]
+REFUSED = {"deepseek_v32", "llama4_text"}  # the representative model types that refuse; the others match
 
 
 class Outcome(NamedTuple):
@@ -172,8 +180,8 @@ def outputs(model, kind: str) -> dict[str, torch.Tensor]:
     return got
 
 
-def check(model_type: str) -> Outcome:
-    """Patch one tiny model with dense and compare it with the unpatched eager model."""
+def check(model_type: str, backend: str = "torch") -> Outcome:
+    """Patch one tiny model with dense (run by `backend`) and compare it with the unpatched eager model."""
     try:
         kind, model = build(model_type)
         with warnings.catch_warnings():
@@ -186,7 +194,7 @@ def check(model_type: str) -> Outcome:
     if not all(torch.isfinite(t.float()).all() for t in want.values()):
         return Outcome("skipped", "not finite in fp32 at the tiny size")
     try:
-        hf.patch(model, "dense", backend="torch")
+        hf.patch(model, "dense", backend=backend)
         calls = _count_calls(model)
         got = outputs(model, kind)
     except (NotImplementedError, ValueError) as e:
@@ -216,10 +224,12 @@ def _count_calls(model) -> dict[str, int]:
 
 
 def _refusal(error: Exception, model) -> str:
-    """The refusal's message, checked to name the model type (every error patching raises about a layer does)."""
+    """The refusal's message, checked to name the model type and the layer (every error patching raises about a
+    layer does)."""
     text = str(error)
     model_type = model.config.model_type
-    assert model_type in text, f"{model_type} was refused without naming it: {text}"
+    assert re.search(rf"\b{re.escape(model_type)} layer \d+ ", text), \
+        f"{model_type} was refused without naming it and the layer: {text}"
     return text.split("\n")[0]
 
 
@@ -230,7 +240,16 @@ def _refusal(error: Exception, model) -> str:
 @pytest.mark.parametrize("model_type", REPRESENTATIVE)
 def test_representative_models(model_type):
     outcome = check(model_type)
-    assert outcome.status != "skipped", outcome.reason
+    assert outcome.status == ("refused" if model_type in REFUSED else "matches"), outcome.reason
+
+
+# on the Triton interpreter: sinks and alternating sliding windows (gpt_oss), with both paddings and generate
+INTERPRETED = ["gpt_oss"]
+
+
+@pytest.mark.parametrize("model_type", INTERPRETED)
+def test_representative_models_on_the_interpreter(model_type):
+    assert check(model_type, backend="triton") == Outcome("matches", "")
 
 
 @pytest.mark.slow

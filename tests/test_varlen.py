@@ -1,0 +1,251 @@
+"""Packed variable-length sequences (cu_seqlens): for every method, a packed call equals the per-sequence
+calls on each sequence's own inputs, concatenated (outputs, optional outputs, block choice, gradients),
+on the torch backend and under the Triton interpreter; dense packs equal the float64 oracle per sequence;
+edge cases (empty sequences, N_s != M_s, a thousand short sequences) and bad offsets raise clear errors.
+
+Each case draws S sequences, builds every sequence's inputs on its own, then packs them (tokens end to
+end, block grids into the top-left corner of an (S, H, ceil(max / block), ...) grid): the pack is made
+from the sequences, never the sequences cut from the pack by attnzoo's code."""
+
+from __future__ import annotations
+
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import attnzoo
+from attnzoo.reference.dense import attention as reference_attention
+
+BACKENDS = st.sampled_from(["torch", "triton"])
+D = 16
+BLOCK = 16
+LINEAR = {"gla", "based", "lawcat", "wersa"}
+FLAG = {"dense": "return_lse", "gla": "output_final_state", "block_sparse": "return_block_mask",
+        "xattention": "return_block_mask", "s2": "return_block_mask", "sparsed": "return_block_mask",
+        "seerattention": "return_block_mask"}
+PARAMS = {"block_sparse": {"block_size": BLOCK}, "xattention": {"block_size": BLOCK, "stride": 4},
+          "s2": {"block_size": BLOCK, "local_blocks": 1, "vert_stride": 2}, "sparsed": {"block_size": BLOCK},
+          "seerattention": {"block_size": BLOCK, "threshold": 0.05}, "flashbias": {"rank": None},
+          "gla": {"chunk_size": 16}, "based": {"chunk_size": 16}, "lawcat": {"chunk_size": 16},
+          "wersa": {"chunk_size": 16, "num_features": 32}, "dense": {"window_size": (5, 3)}}
+GRADS = ("q", "k", "v", "g", "bias")
+
+
+def cu_seqlens(lengths: list[int]) -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist()], dtype=torch.int32)
+
+
+def sequence_inputs(name: str, n: int, m: int, hq: int, hk: int, gen) -> dict:
+    """One sequence's q, k, v and its call-time inputs, (1, H, n | m, ...)."""
+    q = torch.randn(1, hq, n, D, generator=gen)
+    k, v = (torch.randn(1, hk, m, D, generator=gen) for _ in range(2))
+    own = {"q": q, "k": k, "v": v}
+    if name == "dense":
+        own["bias"] = torch.randn(1, hq, n, m, generator=gen)
+    if name == "block_sparse":
+        own["block_mask"] = torch.rand(1, hq, -(-n // BLOCK), -(-m // BLOCK), generator=gen) < 0.6
+    if name == "flashbias":
+        own["bias_factors"] = (torch.randn(1, hq, n, 2, generator=gen), torch.randn(1, hk, m, 2, generator=gen))
+    if name == "gla":
+        own["g"] = F.logsigmoid(torch.randn(1, hk, n, D, generator=gen) + 2)
+        own["initial_state"] = torch.randn(1, hk, D, D, generator=gen)
+    if name == "lawcat":
+        own["g"] = F.logsigmoid(torch.randn(1, hk, n, generator=gen) + 2)
+    if name == "wersa":
+        own["gains"] = torch.rand(1, n, 3, generator=gen) + 0.5
+    return own
+
+
+def pad_grid(grids: list[torch.Tensor], rows: int, cols: int) -> torch.Tensor:
+    """Sequence grids (1, H, r_s, c_s) in the top-left corners of one (S, H, rows, cols) grid; the rest
+    is filled with True, which a sequence must never read."""
+    out = torch.ones(len(grids), grids[0].shape[1], rows, cols, dtype=grids[0].dtype)
+    for s, grid in enumerate(grids):
+        out[s, :, :grid.shape[2], :grid.shape[3]] = grid[0]
+    return out
+
+
+def pack(name: str, sequences: list[dict], q_lengths: list[int], k_lengths: list[int]) -> dict:
+    """The packed call's tensors and keywords, made from the sequences' own."""
+    packed = {key: torch.cat([s[key] for s in sequences], dim=2) for key in ("q", "k", "v")}
+    if name == "dense":
+        bias = torch.full((1, sequences[0]["q"].shape[1], sum(q_lengths), sum(k_lengths)), float("nan"))
+        for s, (qa, ka) in enumerate(zip(cu_seqlens(q_lengths)[:-1].tolist(), cu_seqlens(k_lengths)[:-1].tolist())):
+            bias[:, :, qa:qa + q_lengths[s], ka:ka + k_lengths[s]] = sequences[s]["bias"]
+        packed["bias"] = bias  # NaN off the diagonal blocks: no sequence may read another's bias
+    if name == "block_sparse":
+        packed["block_mask"] = pad_grid([s["block_mask"] for s in sequences], -(-max(q_lengths) // BLOCK),
+                                        -(-max(k_lengths) // BLOCK))
+    if name == "flashbias":
+        packed["bias_factors"] = tuple(torch.cat([s["bias_factors"][i] for s in sequences], dim=2) for i in (0, 1))
+    if name in ("gla", "lawcat"):
+        packed["g"] = torch.cat([s["g"] for s in sequences], dim=2)
+    if name == "gla":
+        packed["initial_state"] = torch.cat([s["initial_state"] for s in sequences], dim=0)
+    if name == "wersa":
+        packed["gains"] = torch.cat([s["gains"] for s in sequences], dim=1)
+    return packed
+
+
+def call(name, tensors: dict, *, causal, backend, **extra):
+    inputs = {key: value for key, value in tensors.items() if key not in ("q", "k", "v")}
+    return attnzoo.get(name, **PARAMS.get(name, {}))(tensors["q"], tensors["k"], tensors["v"], causal=causal,
+                                                     backend=backend, **inputs, **extra)
+
+
+def with_grad(tensors: dict) -> dict:
+    return {key: (value.clone().requires_grad_(True) if key in GRADS else value) for key, value in tensors.items()}
+
+
+def grads(tensors: dict) -> dict:
+    return {key: value.grad for key, value in tensors.items() if key in GRADS and value.grad is not None}
+
+
+def draw_lengths(data, name: str) -> tuple[list[int], list[int]]:
+    """S lengths of 0 to 40 for q and for k (the same for linear methods); the first sequence is not empty."""
+    count = data.draw(st.integers(1, 4))
+    q_lengths = [data.draw(st.integers(1, 40))] + data.draw(st.lists(st.integers(0, 40), min_size=count - 1,
+                                                                     max_size=count - 1))
+    if name in LINEAR:
+        return q_lengths, q_lengths
+    k_lengths = [data.draw(st.integers(1, 40))] + data.draw(st.lists(st.integers(0, 40), min_size=count - 1,
+                                                                     max_size=count - 1))
+    return q_lengths, k_lengths
+
+
+@pytest.mark.parametrize("name", attnzoo.list_methods())
+@given(data=st.data(), backend=BACKENDS, seed=st.integers(0, 2**31 - 1))
+@settings(max_examples=3)
+def test_a_pack_equals_its_sequences_called_alone(name, data, backend, seed):
+    info = attnzoo.info(name)
+    causal = data.draw(st.booleans()) if info.supports.causal and info.supports.non_causal else info.supports.causal
+    q_lengths, k_lengths = draw_lengths(data, name)
+    hk = data.draw(st.integers(1, 2))
+    hq = hk * data.draw(st.integers(1, 2))
+    gen = torch.Generator().manual_seed(seed)
+    sequences = [with_grad(sequence_inputs(name, n, m, hq, hk, gen)) for n, m in zip(q_lengths, k_lengths)]
+    packed = with_grad(pack(name, [{k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+                                   for s in sequences], q_lengths, k_lengths))
+    flag = {FLAG[name]: True} if name in FLAG else {}
+
+    got = call(name, packed, causal=causal, backend=backend, cu_seqlens_q=cu_seqlens(q_lengths),
+               cu_seqlens_k=cu_seqlens(k_lengths), **flag)
+    alone = [call(name, s, causal=causal, backend=backend, **flag) if n and m else None
+             for s, n, m in zip(sequences, q_lengths, k_lengths)]
+
+    out, extra = got if flag else (got, None)
+    weights = torch.randn(out.shape, generator=gen)
+    want_out = torch.cat([(a[0] if flag else a) if a is not None else torch.zeros(1, hq, n, D)
+                          for a, n in zip(alone, q_lengths)], dim=2)
+    torch.testing.assert_close(out, want_out, rtol=1e-6, atol=1e-6)
+    if flag:
+        check_extra(name, extra, alone, sequences, q_lengths)
+    (out * weights).sum().backward()
+    offset = 0
+    for a, s, n in zip(alone, sequences, q_lengths):
+        if a is not None:
+            ((a[0] if flag else a) * weights[:, :, offset:offset + n]).sum().backward()
+        offset += n
+    for key, packed_grad in grads(packed).items():
+        if key == "bias":  # each sequence's diagonal block of the packed bias
+            starts = zip(cu_seqlens(q_lengths).tolist(), cu_seqlens(k_lengths).tolist())
+            for (qa, ka), s, n, m in zip(starts, sequences, q_lengths, k_lengths):
+                if n and m:
+                    torch.testing.assert_close(packed_grad[..., qa:qa + n, ka:ka + m], s["bias"].grad,
+                                               rtol=1e-5, atol=1e-5)
+            continue
+        want = torch.cat([s[key].grad if s[key].grad is not None else torch.zeros_like(s[key]) for s in sequences],
+                         dim=2)
+        torch.testing.assert_close(packed_grad, want, rtol=1e-5, atol=1e-5, msg=key)
+
+
+def check_extra(name, extra, alone, sequences, q_lengths):
+    if name == "dense":  # lse (1, Hq, total_q); a sequence without keys has lse -inf
+        want = torch.cat([a[1] if a is not None else torch.full((1, extra.shape[1], n), float("-inf"))
+                          for a, n in zip(alone, q_lengths)], dim=2)
+        torch.testing.assert_close(extra, want, rtol=1e-6, atol=1e-6)
+    elif name == "gla":  # final states (S, Hk, D, Dv); an empty sequence keeps its initial state
+        want = torch.cat([a[1] if a is not None else s["initial_state"].detach() for a, s in zip(alone, sequences)])
+        torch.testing.assert_close(extra, want, rtol=1e-6, atol=1e-6)
+    else:  # one block mask per sequence, the very blocks it chose alone
+        assert len(extra) == len(alone)
+        for got, a in zip(extra, alone):
+            assert (got is None) == (a is None)
+            if a is not None:
+                assert torch.equal(got.mask, a[1].mask)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_dense_pack_equals_the_float64_oracle_per_sequence(backend):
+    """Bottom-right causal alignment and windows per sequence, N_s != M_s, lengths 0 and 1 and ragged ones."""
+    q_lengths, k_lengths = [7, 0, 1, 33, 20, 5], [12, 3, 1, 17, 0, 40]
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, sum(q_lengths), D, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(1, 2, sum(k_lengths), D, generator=gen, dtype=torch.float64) for _ in range(2))
+    got = attnzoo.get("dense", window_size=(6, -1))(q.float(), k.float(), v.float(), causal=True, backend=backend,
+                                                     cu_seqlens_q=cu_seqlens(q_lengths),
+                                                     cu_seqlens_k=cu_seqlens(k_lengths))
+    pieces, qa, ka = [], 0, 0
+    for n, m in zip(q_lengths, k_lengths):
+        if m == 0:
+            pieces.append(torch.zeros(1, 4, n, D, dtype=torch.float64))  # no key: zero rows
+        else:
+            pieces.append(reference_attention(q[:, :, qa:qa + n], k[:, :, ka:ka + m], v[:, :, ka:ka + m],
+                                              causal=True, scale=D ** -0.5, window_size=(6, -1)))
+        qa, ka = qa + n, ka + m
+    assert (got.double() - torch.cat(pieces, dim=2)).abs().max() < 2e-6
+
+
+def test_a_thousand_short_sequences():
+    gen = torch.Generator().manual_seed(1)
+    lengths = torch.randint(1, 9, (1000,), generator=gen).tolist()
+    q, k, v = (torch.randn(1, 2, sum(lengths), D, generator=gen) for _ in range(3))
+    for name, count in (("dense", 1000), ("gla", 200)):  # gla: fewer, its chunked form costs more per call
+        cu = cu_seqlens(lengths[:count])
+        q, k, v = (t[:, :, :cu[-1]] for t in (q, k, v))
+        got = attnzoo.get(name)(q, k, v, causal=True, backend="torch", cu_seqlens_q=cu, cu_seqlens_k=cu)
+        for s in (0, 1, count // 2, count - 1):  # spot checks: each sequence on its own
+            a, b = cu[s].item(), cu[s + 1].item()
+            alone = attnzoo.get(name)(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], causal=True, backend="torch")
+            torch.testing.assert_close(got[:, :, a:b], alone, rtol=1e-6, atol=1e-6)
+
+
+def test_max_seqlen_sizes_the_block_grid():
+    q = torch.randn(1, 2, 40, D)
+    cu = cu_seqlens([8, 32])
+    mask = torch.ones(2, 1, 3, 3, dtype=torch.bool)  # max_seqlen 48 -> 3 blocks of 16
+    fn = attnzoo.get("block_sparse", block_size=BLOCK)
+    out = fn(q, q, q, block_mask=mask, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=48, max_seqlen_k=48)
+    torch.testing.assert_close(out, attnzoo.get("dense")(q, q, q, cu_seqlens_q=cu, cu_seqlens_k=cu))
+    with pytest.raises(ValueError, match=r"block_mask for a pack of 2 sequences must have shape \(2, H\|1, 2, 2\)"):
+        fn(q, q, q, block_mask=mask, cu_seqlens_q=cu, cu_seqlens_k=cu)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"cu_seqlens_q": torch.tensor([0, 4, 10])}, "int32"),
+    ({"cu_seqlens_q": torch.tensor([0, 6, 4, 10], dtype=torch.int32)}, "non-decreasing"),
+    ({"cu_seqlens_q": torch.tensor([1, 4, 10], dtype=torch.int32)}, "must start at 0"),
+    ({"cu_seqlens_q": torch.tensor([0, 4, 9], dtype=torch.int32)}, "must end at the packed length 10, got 9"),
+    ({"cu_seqlens_q": torch.tensor([0, 10], dtype=torch.int32)}, "same number of sequences, got 1 and 2"),
+    ({"cu_seqlens_q": torch.tensor([[0, 4, 10]], dtype=torch.int32)}, r"shape \(S \+ 1,\)"),
+    ({"cu_seqlens_k": None}, "needs both cu_seqlens_q and cu_seqlens_k"),
+    ({"max_seqlen_q": 5}, "max_seqlen_q=5 is shorter than the longest sequence"),
+    ({"max_seqlen_k": 6.0}, "max_seqlen_k must be an int"),
+])
+def test_bad_offsets_are_refused(bad, match):
+    q = torch.randn(1, 2, 10, D)
+    offsets = {"cu_seqlens_q": cu_seqlens([4, 6]), "cu_seqlens_k": cu_seqlens([4, 6]), **bad}
+    with pytest.raises((TypeError, ValueError), match=match):
+        attnzoo.get("dense")(q, q, q, **offsets)
+
+
+def test_a_batched_pack_and_sparsed_cache_are_refused():
+    q = torch.randn(2, 2, 10, D)
+    cu = cu_seqlens([4, 6])
+    with pytest.raises(ValueError, match=r"q of shape \(1, H, total, D\)"):
+        attnzoo.get("dense")(q, q, q, cu_seqlens_q=cu, cu_seqlens_k=cu)
+    with pytest.raises(ValueError, match="cache is not supported in a packed call"):
+        attnzoo.get("sparsed")(q[:1], q[:1], q[:1], cache=object(), cu_seqlens_q=cu, cu_seqlens_k=cu)
