@@ -155,3 +155,10 @@ def test_invalid_calls_raise_and_say_why():
         attnzoo.get("wersa", levels=-1)(q, k, v)
     with pytest.raises(ValueError, match="decoding step"):
         attnzoo.linear_state("wersa")
+
+
+def test_gates_mlp_is_hidden_to_a_quarter_to_the_bands():
+    """WERSAGates' MLP: hidden -> max(1, hidden // 4) -> levels + 1 (one unit at the smallest sizes)."""
+    for hidden, width in ((64, 16), (4, 1), (3, 1)):
+        gates = WERSAGates(hidden, levels=2, kernel_size=3)
+        assert (gates.mlp[0].in_features, gates.mlp[0].out_features, gates.mlp[2].out_features) == (hidden, width, 3)

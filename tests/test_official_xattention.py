@@ -15,7 +15,7 @@ are broken by the lower block index (stable sorts; the reference's torch.sort is
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import attnzoo
@@ -105,6 +105,8 @@ def _reference_for(q, k, **kwargs):
        stride=st.sampled_from([1, 2, 4, 8]), chunks=st.sampled_from([1, 2, 4, None]), causal=st.booleans(),
        heads=st.sampled_from([(1, 1), (2, 1), (2, 2)]), threshold=st.floats(0.0, 0.97),
        backend=st.sampled_from(["torch", "triton"]))
+@example(seed=0, n=64, m=64, block=16, stride=4, chunks=None, causal=False, heads=(1, 1), threshold=0.0,
+         backend="torch")  # threshold 0: nothing but the forced blocks and block 0 (counted < 0 never holds)
 @settings()
 def test_official_selection_equals_the_reference_code(seed, n, m, block, stride, chunks, causal, heads, threshold,
                                                       backend):

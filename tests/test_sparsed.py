@@ -144,3 +144,30 @@ def test_bad_calls_are_rejected(call, error, match):
     q = k = v = torch.randn(1, 1, 32, 16)
     with pytest.raises(error, match=match):
         attnzoo.get("sparsed", block_size=16)(q, k, v, backend="torch", **call)
+
+
+def test_the_generation_region_is_ranked_with_all_of_it_visible():
+    """The isolated selection ranks the generation region's key blocks for every query row with the
+    whole region visible (diffusion attention is bidirectional). One block kept per region (select=0)
+    and the last key block aligned with every query: every query block keeps key block 0 (the prompt
+    region's only block) and key block 3, and nothing else."""
+    gen = torch.Generator().manual_seed(0)
+    u = torch.randn(16, generator=gen)
+    u = u / u.norm()
+    q = (4 * u).expand(1, 1, 64, 16).clone()
+    k = 0.1 * torch.randn(1, 1, 64, 16, generator=gen)
+    k[:, :, 48:] += 4 * u
+    for backend in ("torch", "triton"):
+        _, block_mask = attnzoo.get("sparsed", select=0.0, block_size=16, gen_len=48)(q, k, k, backend=backend,
+                                                                                     return_block_mask=True)
+        assert block_mask.to_dense()[0, 0].tolist() == [[True, False, False, True]] * 4
+
+
+def test_a_dense_step_returns_every_block_of_the_call():
+    """Steps before skip * total_steps are dense: the returned mask holds every block of (N, M), here
+    ceil(40 / 16) x ceil(72 / 16)."""
+    q, k = torch.randn(1, 2, 40, 16), torch.randn(1, 2, 72, 16)
+    fn = attnzoo.get("sparsed", block_size=16, skip=0.5, total_steps=4, step=0)
+    _, block_mask = fn(q, k, k, cache={}, return_block_mask=True)
+    kept = block_mask.to_dense()
+    assert kept.shape[-2:] == (3, 5) and kept.all()

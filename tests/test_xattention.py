@@ -190,6 +190,15 @@ def test_threshold_one_equals_dense(backend, causal):
                                rtol=1e-5, atol=1e-5)
 
 
+def test_threshold_one_keeps_every_admissible_block_even_one_scoring_zero():
+    """threshold >= 1 keeps every admissible block, also those whose estimate underflowed to 0 (a
+    peaked row): the forced blocks already hold the whole mass, and the rest are kept all the same."""
+    scores = torch.tensor([[1.0, 0.0, 0.0, 0.0]]).expand(4, 4)
+    admissible = torch.ones(4, 4, dtype=torch.bool).tril()
+    forced = torch.eye(4, dtype=torch.bool) | (torch.arange(4) == 0)
+    assert torch.equal(threshold_select(scores, 1.0, forced & admissible, admissible), admissible)
+
+
 @given(p=problems(max_batch=1), causal=st.booleans(), threshold=st.floats(0, 0.95))
 @settings()
 def test_gradients_equal_the_masked_reference(p, causal, threshold):
@@ -226,7 +235,7 @@ def test_estimator_kernel_compiles_for_sm90():
     ({"stride": 64, "block_size": 32}, "divide the block size"),
     ({"threshold": -0.1}, "threshold"),
     ({"threshold": float("nan")}, "threshold"),
-    ({"block_size": 48}, "powers of two"),
+    ({"block_size": 48}, "block_size must be a power of two >= 16, got 48"),
 ])
 def test_bad_parameters_are_rejected(params, match):
     q = k = v = torch.randn(1, 1, 32, 16)
