@@ -316,6 +316,9 @@ class ZooLayer(nn.Module):
         (`call_options`) -> (B, Hq, N, Dv)."""
         hidden, self.hidden = self.hidden, None
         options = dict(options)
+        packed = packed_sequences(options, mask, q.shape[2], causal=causal)
+        if packed is not None:
+            return self._attend_packed(q, k, v, hidden, mask, causal, scale, options, packed)
         bias = options.pop("bias", None)  # (B|1, H|1, N|1, M): sliced with the queries and keys
         if is_additive(mask):  # eager adds the mask to the scores: so does the method, as its bias
             _check_carrier(self.method.name, "an additive attention_mask", HONOURED["position_bias"], self.where)
@@ -397,6 +400,25 @@ class ZooLayer(nn.Module):
             self.history = (q.detach(), hidden.detach() if hidden is not None else None, k[:, :, [0, -1]].detach())
         return q, hidden
 
+    def _attend_packed(self, q, k, v, hidden, mask, causal: bool, scale, options: dict[str, Any],
+                       packed: dict[str, Any]):
+        """A padding-free batch: one row holding the sequences end to end, each attended alone through
+        the method's packed call (docs/varlen.md). The mask, if any, must be exactly that block-diagonal
+        pattern: anything more (padding inside the pack) is refused rather than ignored."""
+        n, m = q.shape[2], k.shape[2]
+        if q.shape[0] != 1 or n != m:
+            raise NotImplementedError(f"{self.where}: packed sequences need one batch row and no KV cache, got "
+                                      f"q {tuple(q.shape)} and k {tuple(k.shape)}")
+        window = options.pop("window_size", NO_WINDOW)
+        bias = options.pop("bias", None)
+        call = {**self._call(causal, scale, window, options), **packed}
+        if mask is not None and not _is_packed_mask(mask, packed["cu_seqlens_q"], causal=causal,
+                                                     window=call.get("window_size", window)):
+            raise NotImplementedError(f"{self.where}: a packed batch whose attention mask is not exactly its "
+                                      "sequences' block-diagonal pattern (padding inside a pack?); pass either a "
+                                      "pack or a padded batch")
+        return self._attend(q, k, v, hidden, bias, call)
+
     def _attend_rows(self, q, k, v, hidden, bias, valid, call: dict[str, Any]):
         """One batch row at a time on its valid tokens. Queries are the last n of the m key positions
         (self-attention, with or without a cache), and those at padded positions output zeros; only
@@ -435,6 +457,54 @@ class ZooLayer(nn.Module):
             return fn(q, k, v, backend=self.backend, **call, **inputs)
         except (TypeError, ValueError, NotImplementedError) as e:  # what the method cannot do in this layer
             raise type(e)(f"{self.where}: {e}") from e
+
+
+def packed_sequences(options: dict[str, Any], mask, n: int, *, causal: bool) -> dict[str, Any] | None:
+    """The packed-call keywords of a padding-free batch, popped from `options`, or None for an ordinary batch.
+
+    transformers' flash keywords (cu_seq_lens_q/k, max_length_q/k) say so themselves. Without them, a batch
+    is packed where transformers made it so: position_ids (1, n) counting each sequence up from 0
+    (DataCollatorWithFlattening) and a mask that is exactly those sequences' block-diagonal pattern (what
+    transformers builds from such positions when there is no cache; with a cache it builds a plain causal
+    mask, the batch is one sequence, and so it is here)."""
+    positions = options.pop(PACKED_BY_POSITIONS, None)
+    given = {name: options.pop(name) for name in PACKED_KEYWORDS.values() if name in options}
+    if given:
+        return given
+    cu = _sequence_starts(positions, n)
+    if cu is None or mask is None or not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+        return None
+    window = options.get("window_size", NO_WINDOW)
+    return {"cu_seqlens_q": cu, "cu_seqlens_k": cu} if _is_packed_mask(mask, cu, causal=causal, window=window) else None
+
+
+def _sequence_starts(positions, n: int) -> torch.Tensor | None:
+    """cu_seqlens (S + 1,) int32 of position_ids (1, n) that count each of S >= 2 sequences up from 0."""
+    if not isinstance(positions, torch.Tensor) or positions.shape != (1, n) or n < 2:
+        return None
+    row = positions[0].long()
+    starts = (row == 0).nonzero().squeeze(1)
+    if starts.numel() < 2 or int(starts[0]) != 0:
+        return None
+    token = torch.arange(n, device=row.device)
+    if not torch.equal(row, token - starts[torch.searchsorted(starts, token, right=True) - 1]):
+        return None
+    return torch.cat([starts, starts.new_tensor([n])]).to(torch.int32)
+
+
+def _is_packed_mask(mask: torch.Tensor, cu_seqlens: torch.Tensor, *, causal: bool, window=NO_WINDOW) -> bool:
+    """Whether the mask lets each query see exactly its own sequence's keys (causal, within `window`
+    (left, right) where those apply): what the packed call computes."""
+    n = mask.shape[-2]
+    if mask.shape[-1] < n:
+        return False
+    sequence = torch.repeat_interleave(torch.arange(cu_seqlens.numel() - 1, device=mask.device),
+                                       (cu_seqlens[1:] - cu_seqlens[:-1]).to(mask.device))  # (n,)
+    i, j = torch.arange(n, device=mask.device)[:, None], torch.arange(n, device=mask.device)[None, :]
+    left, right = window
+    expected = (sequence[:, None] == sequence[None, :]) & ((j <= i) if causal else True)
+    expected = expected & ((i - j <= left) if left >= 0 else True) & ((j - i <= right) if right >= 0 else True)
+    return bool((_attended(mask[..., :n]) == expected).all())
 
 
 def _row_bias(bias: torch.Tensor | None, b: int, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor | None:
@@ -575,22 +645,25 @@ def as_eager_for_blind_queries(out: torch.Tensor, mask: torch.Tensor, v: torch.T
 
 # Keywords that cannot change the attention output: ignored (docs/patching.md lists them).
 BOOKKEEPING = frozenset({
-    "position_ids",  # positions are already in q and k; packed sequences show in the mask, which is checked
+    "position_ids",  # positions are already in q and k; restarting ones mark a packed batch (PACKED_BY_POSITIONS)
     "cache_position", "use_cache", "past_key_values", "past_key_value", "cache",  # k and v are already updated
     "output_hidden_states", "output_router_logits", "return_dict", "num_items_in_batch",
     "deterministic",  # flash-attn's deterministic backward
     "encoder_hidden_states", "encoder_attention_mask",  # already in k, v and the mask of a cross-attention
 })
 
-_PACKED = "packed sequences are not supported: pass a padded batch with an attention_mask instead"
-
 # Keywords harmless only when off (None, 0, False): any other value is refused, with what to do instead.
 MUST_BE_OFF = {
     "dropout": "call model.eval() or set the model's attention dropout to 0",
     "output_attentions": "attnzoo methods return no attention weights; unpatch the model to get them",
-    "cu_seq_lens_q": _PACKED, "cu_seq_lens_k": _PACKED, "max_length_q": _PACKED, "max_length_k": _PACKED,
-    "seq_idx": _PACKED,
+    "seq_idx": "a state-space layer's sequence index: not an attention argument attnzoo knows",
 }
+
+# Padding-free batches (transformers' DataCollatorWithFlattening): its flash keywords name the method's
+# packed-call keywords (docs/varlen.md); without them, position_ids that restart at 0 mark the sequences.
+PACKED_KEYWORDS = {"cu_seq_lens_q": "cu_seqlens_q", "cu_seq_lens_k": "cu_seqlens_k",
+                   "max_length_q": "max_seqlen_q", "max_length_k": "max_seqlen_k"}
+PACKED_BY_POSITIONS = "position_ids"
 
 
 class Honoured(NamedTuple):
@@ -626,6 +699,15 @@ def call_options(method: api.Method, kwargs: dict[str, Any], where: str) -> dict
     keyword the method cannot honour, naming it and the layer (`where`)."""
     options = {}
     for name, value in kwargs.items():
+        if value is AT_FORWARD or value is None:
+            if name in PACKED_KEYWORDS or name == PACKED_BY_POSITIONS:
+                continue
+        elif name in PACKED_KEYWORDS:
+            options[PACKED_KEYWORDS[name]] = value.to(torch.int32) if isinstance(value, torch.Tensor) else int(value)
+            continue
+        elif name == PACKED_BY_POSITIONS:
+            options[PACKED_BY_POSITIONS] = value
+            continue
         if name in BOOKKEEPING:
             continue
         if name in MUST_BE_OFF:
