@@ -73,11 +73,39 @@ class Method:
         resolved = resolve_backend(backend, q.device, info.supports.backends, info.name)
         # under autocast the method computes in the dtype it was given, as it would outside
         with torch.autocast(autocast, enabled=False) if autocast else contextlib.nullcontext():
-            return self._fn(q, k, v, causal=causal, scale=scale, backend=resolved, **call)
+            result = self._fn(q, k, v, causal=causal, scale=scale, backend=resolved, **call)
+        return result if info.supports.backward else _without_backward(result, info.name)
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{k}={v!r}" for k, v in self._bound.items())
         return f"attnzoo.get({self.info.name!r}{', ' if shown else ''}{shown})"
+
+
+class _NoBackward(torch.autograd.Function):
+    """The identity, whose backward raises: what the outputs of a method registered with
+    supports.backward=False pass through, so that `.backward()` fails clearly instead of returning a
+    gradient the method never defined."""
+
+    @staticmethod
+    def forward(ctx, x, name):
+        ctx.name = name
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError(f"method {ctx.name!r} has no backward (it is registered with supports.backward=False); "
+                           f"call it under torch.no_grad() or on inputs that do not require grad")
+
+
+def _without_backward(result, name: str):
+    """`result` (a tensor, or a tuple holding tensors) with every tensor that requires grad passed
+    through _NoBackward; anything else unchanged."""
+    if isinstance(result, torch.Tensor):
+        return _NoBackward.apply(result, name) if result.requires_grad else result
+    if isinstance(result, tuple):
+        items = [_without_backward(item, name) for item in result]
+        return type(result)(*items) if hasattr(result, "_fields") else tuple(items)  # a NamedTuple keeps its type
+    return result
 
 
 def _autocast_device(q) -> str | None:

@@ -117,7 +117,10 @@ class BlockMask:
         """Kernel form for this geometry: full and partial lists, and their transposes. It is cached per
         geometry (at most INDEX_CACHE_ENTRIES, least recently used evicted); an entry records the mask's
         storage and version counter, so editing or replacing `mask` rebuilds that entry in place. A mask
-        made under torch.inference_mode has no version counter: its index is built on every call."""
+        made under torch.inference_mode has no version counter: its index is built on every call, as it is
+        under torch.compile (the traced graph builds it from the mask, so a compiled call follows edits)."""
+        if torch.compiler.is_compiling():
+            return self._build_index(n, m, causal, window)
         geometry = (n, m, causal, tuple(window))
         stamp = self._stamp()
         cached = self._index_cache.get(geometry)

@@ -6,8 +6,6 @@ before any kernel runs and never returns a silently wrong result.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .registry import MethodInfo
@@ -63,9 +61,9 @@ def check_qkv(q, k, v, *, info: MethodInfo) -> None:
         raise ValueError(f"v head dim must be in [{lo}, {hi}] for method {info.name!r}, got {Dv}")
 
 
-def check_causal(causal, *, info: MethodInfo) -> None:
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+def check_causal(causal, *, info: MethodInfo) -> bool:
+    """The validated `causal` flag (check_bool), which the method must support."""
+    causal = check_bool("causal", causal)
     sup = info.supports
     if causal and not sup.causal:
         why = f": {sup.causal_note}" if sup.causal_note else ""
@@ -73,6 +71,7 @@ def check_causal(causal, *, info: MethodInfo) -> None:
     if not causal and not sup.non_causal:
         why = f": {sup.non_causal_note}" if sup.non_causal_note else ""
         raise ValueError(f"method {info.name!r} is causal only; call it with causal=True{why}")
+    return causal
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -81,13 +80,20 @@ def check_causal(causal, *, info: MethodInfo) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
+_SYMBOLIC = (torch.SymBool, torch.SymInt, torch.SymFloat)  # numbers of shapes under torch.compile
+_INTS = (int, torch.SymInt)
+_REALS = (int, float, torch.SymInt, torch.SymFloat)
+
+
 def _scalar(value):
-    """A 0-d tensor or a numpy scalar as the Python scalar it holds; anything else unchanged."""
-    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.device.type != "meta":
+    """A 0-d tensor or a numpy scalar as the Python scalar it holds; anything else unchanged. Python and
+    symbolic numbers return first: torch.compile traces this without a graph break."""
+    if isinstance(value, (bool, int, float) + _SYMBOLIC):
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.dim() == 0 and value.device.type != "meta" else value
+    if type(value).__module__ == "numpy" and getattr(value, "shape", None) == ():
         return value.item()
-    item = getattr(value, "item", None)
-    if type(value).__module__ == "numpy" and callable(item) and getattr(value, "shape", None) == ():
-        return item()
     return value
 
 
@@ -95,32 +101,46 @@ def check_bool(name: str, value) -> bool:
     """A flag: True or False (numpy bools too), never a truthy string or number."""
     value = _scalar(value)
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__} {value!r}")
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r} (use True or False)")
     return value
 
 
 def check_int(name: str, value, *, low: int | None = None, high: int | None = None) -> int:
     """An integer in [low, high] (either bound optional); floats, even 2.0, are refused."""
     value = _scalar(value)
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, _INTS):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if (low is not None and value < low) or (high is not None and value > high):
-        bounds = [f">= {low}"] * (low is not None) + [f"<= {high}"] * (high is not None)
-        raise ValueError(f"{name} must be an int {' and '.join(bounds)}, got {value}")
+        raise ValueError(f"{name} must be an int {_bounds(low, high)}, got {value}")
     return value
 
 
-def check_real(name: str, value, *, low: float | None = None, low_open: bool = False, what: str = "a float") -> float:
-    """A finite real number (an int or a float), >= low (> low with `low_open`) when low is given;
-    `what` names the expected value in the type error."""
+def check_real(name: str, value, *, low: float | None = None, low_open: bool = False, high: float | None = None,
+               what: str = "a float") -> float:
+    """A finite real number (an int or a float) in [low, high] ((low, high] with `low_open`), either
+    bound optional; `what` names the expected value in the type error."""
     value = _scalar(value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, _REALS):
         raise TypeError(f"{name} must be {what}, got {type(value).__name__} {value!r}")
-    if not math.isfinite(value):
+    if not value - value == 0:  # NaN and +-inf (torch.compile traces this for a SymFloat, not isfinite)
         raise ValueError(f"{name} must be finite, got {value}")
-    if low is not None and (value <= low if low_open else value < low):
-        raise ValueError(f"{name} must be a finite float {'>' if low_open else '>='} {low:g}, got {value}")
+    below = low is not None and (value <= low if low_open else value < low)
+    if below or (high is not None and value > high):
+        finite = "" if low is not None and high is not None else "finite "
+        raise ValueError(f"{name} must be a {finite}float {_bounds(low, high, low_open=low_open)}, got {value}")
     return float(value)
+
+
+def _bounds(low, high, *, low_open: bool = False) -> str:
+    """'in [low, high]' ('(low, high]' with low_open), '>= low' or '<= high', for the bounds given."""
+    def text(x):
+        return f"{x:g}" if isinstance(x, float) else str(x)
+
+    if low is not None and high is not None:
+        return f"in {'(' if low_open else '['}{text(low)}, {text(high)}]"
+    if low is not None:
+        return f"{'>' if low_open else '>='} {text(low)}"
+    return f"<= {text(high)}"
 
 
 def check_positive(name: str, value) -> float:
@@ -130,16 +150,53 @@ def check_positive(name: str, value) -> float:
 
 def check_choice(name: str, value, choices) -> str:
     """One of the strings `choices`."""
-    if not isinstance(value, str) or value not in choices:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {type(value).__name__} "
+                        f"{value!r}")
+    if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
     return value
 
 
-def check_finite(name: str, t: torch.Tensor) -> None:
-    """A tensor parameter (a gate, a bias, a kernel) without NaN or inf (not read on the meta device)."""
-    if t.device.type != "meta" and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} must be finite, got a tensor with {int((~torch.isfinite(t)).sum())} NaN or "
-                         f"inf entries of {t.numel()}")
+def check_power_of_two(name: str, value, *, low: int = 1) -> int:
+    """An int power of two >= low (a block size, a stride)."""
+    value = check_int(name, value)
+    if value < low or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two >= {low}, got {value}")
+    return value
+
+
+def check_block_size(block_size) -> tuple[int, int]:
+    """(block_q, block_k) from an int (square blocks) or a pair, each a power of two >= 16."""
+    if isinstance(block_size, (tuple, list)):
+        if len(block_size) != 2:
+            raise TypeError(f"block_size must be an int or a (block_q, block_k) pair of ints, got {block_size!r}")
+        return (check_power_of_two("block_size[0] (block_q)", block_size[0], low=16),
+                check_power_of_two("block_size[1] (block_k)", block_size[1], low=16))
+    size = check_power_of_two("block_size", block_size, low=16)
+    return size, size
+
+
+def check_optional(check, name: str, value, **bounds):
+    """None, or `value` passed through `check(name, value, **bounds)`."""
+    return None if value is None else check(name, value, **bounds)
+
+
+def check_finite(name: str, t: torch.Tensor, *, allow_inf: bool = False) -> None:
+    """A tensor parameter (a gate, a bias, a kernel) without NaN or inf, or without NaN only with
+    `allow_inf` (a bias's -inf masks a pair). Values are not read on the meta device. Under
+    torch.compile the check is an assertion inside the graph (RuntimeError naming `name`, no graph
+    break); eagerly a ValueError with the count of bad entries."""
+    if t.device.type == "meta":
+        return
+    bad = torch.isnan(t) if allow_inf else ~torch.isfinite(t)
+    what = "NaN" if allow_inf else "NaN or inf"
+    expected = f"{name} must be finite{' or +-inf' if allow_inf else ''}"
+    if torch.compiler.is_compiling():
+        torch._assert_async(~bad.any(), f"{expected}, got {what} entries")
+        return
+    if bool(bad.any()):
+        raise ValueError(f"{expected}, got a tensor with {int(bad.sum())} {what} entries of {t.numel()}")
 
 
 def resolve_scale(scale, head_dim: int) -> float:
@@ -177,8 +234,7 @@ def check_bias(bias, q: torch.Tensor, m: int) -> None:
         raise TypeError(f"bias has dtype {bias.dtype}; expected torch.float32 or q's dtype {q.dtype}")
     if bias.device != q.device:
         raise ValueError(f"bias must be on {q.device}, got {bias.device}")
-    if bias.device.type != "meta" and bool(torch.isnan(bias).any()):
-        raise ValueError("bias contains NaN (use -inf to mask a pair)")
+    check_finite("bias", bias, allow_inf=True)  # -inf masks a pair
 
 
 def check_sinks(sinks, q: torch.Tensor) -> None:
@@ -190,8 +246,7 @@ def check_sinks(sinks, q: torch.Tensor) -> None:
                          f"of shape (Hq,) = ({q.shape[1]},)")
     if sinks.device != q.device:
         raise ValueError(f"sinks must be on {q.device}, got {sinks.device}")
-    if sinks.device.type != "meta" and not bool(torch.isfinite(sinks).all()):
-        raise ValueError("sinks must be finite")
+    check_finite("sinks", sinks)
 
 
 def check_tensor(name: str, t, *, shape: tuple, like: torch.Tensor, dtype=None, finite: bool = False) -> None:

@@ -1,6 +1,8 @@
-"""Issue 16, items 1, 3 and 8 (meta): every method under torch.inference_mode() and torch.no_grad() on
-both backends; BlockMask's index cache is bounded, replaced on an edit and keeps nothing from a failed
-call; dense and the linear methods give correctly shaped outputs on the meta device."""
+"""Issue 16, items 1, 3 and 8: every method under torch.inference_mode() and torch.no_grad() on both
+backends; the caches are bounded (BlockMask's index: replaced on an edit, nothing kept from a failed
+call; s2's patterns over many shapes; the op implementation table); dense and the linear methods give
+correctly shaped outputs on the meta device; a method registered with supports.backward=False refuses
+`.backward()` on both backends (docs/hardening.md)."""
 
 import pytest
 import torch
@@ -112,3 +114,52 @@ def test_dense_and_linear_methods_give_shaped_outputs_on_the_meta_device(name, c
     k, v = torch.empty(1, 2, 40, 16, device="meta"), torch.empty(1, 2, 40, 24, device="meta")
     out = attnzoo.get(name)(q, k, v, causal=causal, **{key: make() for key, make in inputs.items()})
     assert out.device.type == "meta" and out.shape == (1, 4, 40, 24) and out.dtype == q.dtype
+
+
+def test_s2_pattern_cache_stays_bounded_over_many_shapes():
+    from attnzoo.methods import s2
+
+    method = attnzoo.get("s2", block_size=16, local_blocks=1, vert_stride=2)
+    for n in range(32, 32 + 16 * 12, 16):  # 12 shapes, each its own pattern
+        q, k, v = torch.randn(1, 2, n, 16), torch.randn(1, 1, n, 16), torch.randn(1, 1, n, 16)
+        method(q, k, v, causal=True, backend="torch")
+        assert s2.s2_block_mask.cache_info().currsize <= s2.PATTERN_CACHE_SIZE
+    hits = s2.s2_block_mask.cache_info().hits
+    method(q, k, v, causal=True, backend="torch")  # the last shape again: served from the cache
+    assert s2.s2_block_mask.cache_info().hits == hits + 1
+
+
+def test_the_implementation_table_holds_one_entry_per_op_and_backend():
+    from attnzoo.ops import dispatch
+
+    for name in ("dense", "xattention", "seerattention", "gla"):  # every op: flash, scoring, block_target, linear
+        q, k, v, params, causal = _inputs(name)
+        for backend in BACKENDS:
+            attnzoo.get(name)(q, k, v, causal=causal, backend=backend, **params)
+    assert set(dispatch._IMPLEMENTATIONS) <= {(op, backend) for op in ("flash", "linear", "scoring", "block_target")
+                                              for backend in BACKENDS}
+
+
+@pytest.fixture
+def registered_without_backward():
+    """A method registered with supports.backward=False (dense underneath, with its lse)."""
+    def forward_only(q, k, v, *, causal, scale, backend, return_lse=False):
+        return attnzoo.get("dense")(q, k, v, causal=causal, scale=scale, backend=backend, return_lse=return_lse)
+
+    attnzoo.register("forward_only_test", forward_only, family="exact", paper="test",
+                     supports={"backward": False, "backends": ["triton", "torch"], "outputs": ["return_lse"]})
+    yield attnzoo.get("forward_only_test")
+    REGISTRY._entries().pop("forward_only_test")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_through_a_method_registered_without_one_raises(registered_without_backward, backend):
+    q, k, v = (torch.randn(1, 2, 24, 16, requires_grad=True) for _ in range(3))
+    out, lse = registered_without_backward(q, k, v, causal=True, backend=backend, return_lse=True)
+    want, want_lse = attnzoo.get("dense")(q, k, v, causal=True, backend=backend, return_lse=True)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)  # the forward is untouched
+    for output in (out, lse):
+        with pytest.raises(RuntimeError, match="'forward_only_test' has no backward"):
+            output.sum().backward(retain_graph=True)
+    with torch.no_grad():  # nothing to refuse without a graph
+        assert not registered_without_backward(q, k, v, causal=True, backend=backend).requires_grad

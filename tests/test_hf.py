@@ -360,7 +360,7 @@ def test_registered_adapter_feeds_the_method(register):
         mask = torch.ones(n, m, dtype=torch.bool).tril(m - n)
         return F.scaled_dot_product_attention(q * temperature, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
 
-    register("test_hf_temp", scaled, inputs=["temperature"])
+    register("test_hf_temp", scaled, inputs=["temperature"], supports={"dtypes": ["float32"], "backward": True})
     hf.register_adapter("test_hf_temp", lambda shape, params: torch.nn.Linear(shape.hidden_size, shape.num_heads),
                         lambda lin, x: {"temperature": 1 + lin(x.hidden).transpose(1, 2)[..., None]},
                         overwrite=True)
@@ -694,18 +694,24 @@ def test_padding_inside_a_window_is_refused():
 def test_call_options_sorts_every_keyword():
     dense = attnzoo.get(method_or_skip("dense"))
     where = "toy layer 3 (ToyAttention)"
-    ignored = {name: object() for name in hf.BOOKKEEPING}
-    off = {"dropout": 0.0, "output_attentions": False, "cu_seq_lens_q": None, "sliding_window": None, "softcap": None}
+    ignored = {name: object() for name in hf.BOOKKEEPING - {hf.PACKED_BY_POSITIONS}}
+    off = {"dropout": 0.0, "output_attentions": False, "cu_seq_lens_q": None, "sliding_window": None, "softcap": None,
+           "position_ids": None}
     assert hf.call_options(dense, {**ignored, **off}, where) == {}
+    positions = torch.arange(4)[None]  # passed on: restarting positions mark a packed batch (docs/varlen.md)
+    assert hf.call_options(dense, {"position_ids": positions}, where) == {"position_ids": positions}
     honoured = hf.call_options(dense, {"sliding_window": 4, "softcap": 30}, where)
     assert honoured == {"window_size": (3, 3), "softcap": 30.0}
     with pytest.raises(NotImplementedError, match=r"toy layer 3 \(ToyAttention\) passes frobnicate=2 .*does not know"):
         hf.call_options(dense, {"frobnicate": 2}, where)
     with pytest.raises(NotImplementedError, match="frobnicate"):
         hf.call_options(dense, {"frobnicate": None}, where)  # unknown is refused whatever its value
-    for name, value in [("output_attentions", True), ("dropout", 0.1), ("cu_seq_lens_q", torch.tensor([0, 4]))]:
+    for name, value in [("output_attentions", True), ("dropout", 0.1)]:
         with pytest.raises(ValueError, match=f"toy layer 3 .*passes {name}="):
             hf.call_options(dense, {name: value}, where)
+    packed = hf.call_options(dense, {"cu_seq_lens_q": torch.tensor([0, 4]), "max_length_q": 4}, where)
+    assert packed["cu_seqlens_q"].dtype == torch.int32 and packed["cu_seqlens_q"].tolist() == [0, 4]
+    assert packed["max_seqlen_q"] == 4 and set(packed) == {"cu_seqlens_q", "max_seqlen_q"}
 
 
 class ToyAttention(torch.nn.Module):

@@ -29,12 +29,19 @@ def test_dense_follows_autocast_like_sdpa(backend):
 
 
 @pytest.mark.parametrize("method,params", [("xattention", {"block_size": 16, "stride": 4}), ("gla", {})])
-def test_every_family_follows_autocast(method, params):
+def test_every_family_follows_autocast_alike_on_both_backends(method, params):
+    """Both backends take the autocast dtype as their input dtype (issue 16: the Triton path stayed fp32)."""
     q, k, v = qkv(32, 16)
     k, v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
-    with torch.autocast("cpu", dtype=BF16):
-        out = attnzoo.get(method, **params)(q, k, v, causal=True, backend="torch")
-    assert out.dtype == BF16
+    fn = attnzoo.get(method, **params)
+    outputs = {}
+    for backend in ("torch", "triton"):
+        with torch.autocast("cpu", dtype=BF16):
+            outputs[backend] = fn(q, k, v, causal=True, backend=backend)
+        assert outputs[backend].dtype == BF16
+        in_bf16 = fn(q.to(BF16), k.to(BF16), v.to(BF16), causal=True, backend=backend)
+        assert torch.equal(outputs[backend], in_bf16)  # the precision of the call on bf16 inputs
+    torch.testing.assert_close(outputs["triton"].float(), outputs["torch"].float(), atol=2e-2, rtol=2e-2)
 
 
 def test_outside_autocast_and_disabled_autocast_keep_the_input_dtype():

@@ -182,7 +182,7 @@ def test_non_causal_pattern_by_hand():
     ({"local_blocks": 0}, "local_blocks"),
     ({"vert_stride": 0}, "vert_stride"),
     ({"num_dense_heads": 2}, "num_dense_heads"),
-    ({"block_size": 24}, "powers of two"),
+    ({"block_size": 24}, "block_size must be a power of two >= 16, got 24"),
 ])
 def test_bad_parameters_are_rejected(params, match):
     q = k = v = torch.randn(1, 1, 32, 16)

@@ -105,13 +105,13 @@ def grads(tensors: dict) -> dict:
 
 
 def draw_lengths(data, name: str) -> tuple[list[int], list[int]]:
-    """S lengths of 0 to 40 for q and for k (the same for linear methods); the first sequence is not empty."""
+    """S lengths of 0 to 32 for q and for k (the same for linear methods); the first sequence is not empty."""
     count = data.draw(st.integers(1, 4))
-    q_lengths = [data.draw(st.integers(1, 40))] + data.draw(st.lists(st.integers(0, 40), min_size=count - 1,
+    q_lengths = [data.draw(st.integers(1, 32))] + data.draw(st.lists(st.integers(0, 32), min_size=count - 1,
                                                                      max_size=count - 1))
     if name in LINEAR:
         return q_lengths, q_lengths
-    k_lengths = [data.draw(st.integers(1, 40))] + data.draw(st.lists(st.integers(0, 40), min_size=count - 1,
+    k_lengths = [data.draw(st.integers(1, 32))] + data.draw(st.lists(st.integers(0, 32), min_size=count - 1,
                                                                      max_size=count - 1))
     return q_lengths, k_lengths
 

@@ -6,7 +6,7 @@ is the row logsumexp that the flash forward already saved (attnzoo/kernels/flash
 row's final statistic known, one more pass over the score tiles turns every score into its exact
 probability. It shares the flash kernel's tile loads, scores and visibility test (_common.py:
 bottom-right aligned causal, ragged tails); causal calls skip key blocks past the diagonal and write
-0 there.
+0 there. A NaN probability (from a non-finite q, k or lse) counts as 0, as in the twin.
 
 Grid (query blocks, B * Hq); each program walks the key blocks of its query block and, inside a
 (block x block) pair, the (BLOCK_M x BLOCK_N) tiles; the running maximum stays in a register.
@@ -28,12 +28,15 @@ from ._config import dot_precision, fixed_tile, new_output, next_pow2
 @triton.jit
 def _tile_max_prob(q, lse2, K, stride_kn, stride_kd, start_n, offs_m, offs_d, D, M, diag, scale,
                    CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """Largest probability of the (BLOCK_M, BLOCK_N) tile of keys [start_n, +BLOCK_N); 0 where masked."""
+    """Largest probability of the (BLOCK_M, BLOCK_N) tile of keys [start_n, +BLOCK_N); 0 where masked
+    and where it is NaN (a non-finite q, k or lse): one rule for every device, since the GPU's max
+    skips a NaN and the interpreter's keeps it."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = _load_rows(K, offs_n, stride_kn, M, offs_d, stride_kd, D)  # (BLOCK_N, BLOCK_D)
     s = _scores_log2(_dot(q, tl.trans(k), PRECISION), scale, 0.0, False)  # (BLOCK_M, BLOCK_N), log2 units
     keep = _visible(offs_m[:, None], offs_n[None, :], M, diag, 0, 0, False, CAUSAL)
-    p = tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)
+    p = tl.exp2(s - lse2[:, None])
+    p = tl.where(keep & (p == p), p, 0.0)
     return tl.max(tl.max(p, 1), 0)
 
 

@@ -19,6 +19,7 @@ import torch
 
 from ..ops import linear as _linear
 from ..validation import check_bool, check_positive
+from . import at_least_fp32
 
 _WARN_HEAD_DIM = 64
 
@@ -39,8 +40,7 @@ def _features(q, k, scale: float):
     if D > _WARN_HEAD_DIM:
         warnings.warn(f"based: q/k head dim {D} gives {1 + D + D * (D + 1) // 2} features per head; BASED "
                       f"projects q and k to a small dim (16) first", stacklevel=3)
-    wide = torch.promote_types(q.dtype, torch.float32)
-    return taylor_feature_map(q.to(wide) * scale), taylor_feature_map(k.to(wide))
+    return taylor_feature_map(at_least_fp32(q) * scale), taylor_feature_map(at_least_fp32(k))
 
 
 def _check_lengths(q, k) -> None:

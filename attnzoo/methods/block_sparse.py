@@ -13,11 +13,12 @@ import torch
 from .. import masks
 from ..block_mask import BlockMask
 from ..ops.flash import flash_attention, windowed_blocks
-from ..validation import check_softcap, check_window
+from ..validation import check_block_size, check_bool, check_softcap, check_window
 
 
 def as_block_mask(block_mask, block_size, q: torch.Tensor, k: torch.Tensor) -> BlockMask:
     """A BlockMask (or a bool tensor (B|1, Hq|1, nQB, nKB) with `block_size`) checked against q, k."""
+    block_size = check_block_size(block_size)
     if block_mask is None:
         raise TypeError("block_sparse needs block_mask=: an attnzoo.BlockMask or a bool tensor "
                         "(B|1, Hq|1, nQB, nKB); attnzoo.masks builds common ones")
@@ -38,6 +39,7 @@ def block_sparse(q, k, v, *, causal: bool, scale: float, backend: str, block_siz
     With `return_block_mask`, returns (out, block_mask) (the blocks that ran, under a window)."""
     block_mask = as_block_mask(block_mask, block_size, q, k)
     window, softcap = check_window(window_size), check_softcap(softcap)
+    return_block_mask = check_bool("return_block_mask", return_block_mask)
     out, _ = flash_attention(q, k, v, scale=scale, causal=causal, window_size=window, softcap=softcap,
                              block_mask=block_mask, backend=backend)
     if return_block_mask:
@@ -46,7 +48,9 @@ def block_sparse(q, k, v, *, causal: bool, scale: float, backend: str, block_siz
 
 
 def example_kwargs(q, k, v, *, causal):
-    """A random half-density mask (per batch and query head) for `attnzoo check`."""
+    """A random half-density mask (per batch and query head) for `attnzoo check`, drawn on the CPU (the
+    same blocks on every device, the meta device too)."""
     block = 16 if min(q.shape[2], k.shape[2]) <= 256 else 128
-    return {"block_mask": masks.random(q.shape[2], k.shape[2], 0.5, block, batch=q.shape[0], heads=q.shape[1],
-                                       seed=0, causal=causal, device=q.device)}
+    drawn = masks.random(q.shape[2], k.shape[2], 0.5, block, batch=q.shape[0], heads=q.shape[1], seed=0,
+                         causal=causal)
+    return {"block_mask": BlockMask(drawn.mask.to(q.device), drawn.block_size)}

@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 
 from ..ops.flash import flash_attention, max_head_dim
-from ..validation import check_tensor
+from ..validation import check_int, check_optional, check_tensor
 
 DEFAULT_ENERGY = 0.999
 _DIGIT_BITS = 8  # base-256 digits: integers below 256 are exact in every float dtype (bfloat16 has 8 bits)
@@ -81,17 +81,17 @@ def bias_to_factors(q, k, *, causal: bool, rank=None, bias_factors=None, bias=No
     if len(given) != 1:
         raise ValueError(f"flashbias needs exactly one of bias_factors=(U, W), bias or alibi_slopes; "
                          f"got {', '.join(given) or 'none'}")
-    if rank is not None and bias is None:
-        raise ValueError(f"rank={rank!r} sets the SVD rank of a full `bias`; it does not apply to {given[0]}")
     B, Hq, N, _ = q.shape
     Hk, M = k.shape[1], k.shape[2]
+    rank = check_optional(check_int, "rank", rank, low=1, high=min(N, M))
+    if rank is not None and bias is None:
+        raise ValueError(f"rank={rank!r} sets the SVD rank of a full `bias`; it does not apply to {given[0]}")
     if bias_factors is not None:
         return _check_factors(bias_factors, q, B, Hq, Hk, N, M)
     if alibi_slopes is not None:
         _check_alibi(alibi_slopes, q, Hq, causal)
         return alibi_factors(alibi_slopes, N, M)
-    check_tensor("bias", bias, shape=((1, B), (1, Hq), N, M), like=q, dtype=_FLOATS)
-    _check_rank(rank, min(N, M))
+    check_tensor("bias", bias, shape=((1, B), (1, Hq), N, M), like=q, dtype=_FLOATS, finite=True)
     low_rank = svd_factors(bias, rank)
     if rank is not None and low_rank.kept_energy < DEFAULT_ENERGY:
         warnings.warn(f"flashbias: rank={rank} keeps {100 * low_rank.kept_energy:.2f}% of the bias energy "
@@ -103,26 +103,19 @@ def _check_factors(bias_factors, q, B, Hq, Hk, N, M):
     if not (isinstance(bias_factors, (tuple, list)) and len(bias_factors) == 2):
         raise TypeError(f"bias_factors must be a pair (U, W), got {type(bias_factors).__name__}")
     u, w = bias_factors
-    check_tensor("bias_factors U", u, shape=((1, B), (1, Hq), N, None), like=q, dtype=_FLOATS)
+    check_tensor("bias_factors U", u, shape=((1, B), (1, Hq), N, None), like=q, dtype=_FLOATS, finite=True)
     rank = u.shape[-1]
-    check_tensor("bias_factors W", w, shape=((1, B), (1, Hk, Hq), M, rank), like=q, dtype=_FLOATS)
+    check_tensor("bias_factors W", w, shape=((1, B), (1, Hk, Hq), M, rank), like=q, dtype=_FLOATS, finite=True)
     if rank < 1:
         raise ValueError(f"bias_factors U has rank R = 0 (shape {tuple(u.shape)}); expected R >= 1")
     return u, w
 
 
 def _check_alibi(slopes, q, Hq: int, causal: bool) -> None:
-    check_tensor("alibi_slopes", slopes, shape=(Hq,), like=q, dtype=_FLOATS)
+    check_tensor("alibi_slopes", slopes, shape=(Hq,), like=q, dtype=_FLOATS, finite=True)
     if not causal:
         raise ValueError("alibi_slopes needs causal=True: ALiBi's bias -slope * |i - j| is low rank only where "
                          "the sign of i - j is fixed (causal); for non-causal ALiBi pass the explicit `bias`")
-
-
-def _check_rank(rank, full_rank: int) -> None:
-    if rank is None:
-        return
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= full_rank:
-        raise ValueError(f"rank must be None or an int in [1, min(N, M) = {full_rank}], got {rank!r}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -208,10 +201,10 @@ def relative_position_factors(table: torch.Tensor, n: int, m: int, rank: int | N
 
 
 def example_kwargs(q, k, v, *, causal: bool) -> dict:
-    """Random rank-8 factors with entries of order 1 (a bias of standard deviation about 1)."""
-    generator = torch.Generator(device=q.device).manual_seed(0)
+    """Random rank-8 factors with entries of order 1 (a bias of standard deviation about 1), drawn on
+    the CPU (the same factors on every device, the meta device too)."""
+    generator = torch.Generator().manual_seed(0)
     B, Hq, N, _ = q.shape
     M = k.shape[2]
-    u = torch.randn(B, Hq, N, 8, generator=generator, device=q.device, dtype=q.dtype) / 8 ** 0.25
-    w = torch.randn(B, 1, M, 8, generator=generator, device=q.device, dtype=q.dtype) / 8 ** 0.25
-    return {"bias_factors": (u, w)}
+    u, w = (torch.randn(*shape, generator=generator) / 8 ** 0.25 for shape in ((B, Hq, N, 8), (B, 1, M, 8)))
+    return {"bias_factors": (u.to(q.device, q.dtype), w.to(q.device, q.dtype))}

@@ -23,9 +23,18 @@ import torch.nn.functional as F
 
 from ..ops import linear as _linear
 from ..validation import check_positive, check_tensor
+from . import at_least_fp32
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-FEATURE_MAPS = {"elu1": lambda x: F.elu(x) + 1.0, "relu": torch.relu}
+
+
+def elu1(x: torch.Tensor) -> torch.Tensor:
+    """ELU(x) + 1: x + 1 for x > 0, exp(x) otherwise. (Not F.elu(x) + 1, which forms exp(x) - 1 + 1 and
+    loses exp(x) to cancellation for x << 0: at x = -20 nothing is left in fp32.)"""
+    return torch.where(x > 0, x + 1.0, torch.exp(x.clamp(max=0.0)))
+
+
+FEATURE_MAPS = {"elu1": elu1, "relu": torch.relu}
 
 
 def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
@@ -88,7 +97,8 @@ def lawcat(q, k, v, *, causal: bool, scale: float, backend: str, feature_map: st
     check_lawcat_args(q, k, causal, g, conv_q, conv_k, feature_map)
     eps = check_positive("eps", eps)
     phi = feature_map_fn(feature_map)
-    phi_q, phi_k = phi(causal_depthwise_conv(q, conv_q)), phi(causal_depthwise_conv(k, conv_k))
+    phi_q = phi(causal_depthwise_conv(at_least_fp32(q), conv_q))  # features in fp32 at least
+    phi_k = phi(causal_depthwise_conv(at_least_fp32(k), conv_k))
     return _linear.linear_attention(phi_q, phi_k, v, g=_gate_per_channel(g, k.shape), scale=1.0, causal=True,
                                     backend=backend, normalize=True, eps=eps, chunk_size=chunk_size)
 

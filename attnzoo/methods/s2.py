@@ -20,7 +20,7 @@ import torch
 from .. import masks
 from ..block_mask import BlockMask
 from ..ops.flash import flash_attention, windowed_blocks
-from ..validation import check_softcap, check_window
+from ..validation import check_block_size, check_bool, check_int, check_optional, check_softcap, check_window
 
 PATTERN_CACHE_SIZE = 4
 
@@ -43,6 +43,17 @@ def s2_block_mask(n: int, m: int, q_heads: int, kv_heads: int, *, block_size: in
         return BlockMask(per_q_head, per_kv_head.block_size)
 
 
+def check_s2_params(kv_heads: int, *, block_size, local_blocks, vert_stride, homo_head, num_dense_heads,
+                    head_sliding_offset, head_sliding_step) -> dict:
+    """The pattern's parameters, validated (numbers may be Python, numpy or 0-d tensor scalars), as the
+    keywords of `s2_block_mask`; `num_dense_heads` counts kv heads."""
+    return dict(block_size=check_block_size(block_size), local_blocks=check_int("local_blocks", local_blocks, low=1),
+                vert_stride=check_int("vert_stride", vert_stride, low=1), homo_head=check_bool("homo_head", homo_head),
+                num_dense_heads=check_int("num_dense_heads", num_dense_heads, low=0, high=kv_heads),
+                head_sliding_offset=check_int("head_sliding_offset", head_sliding_offset),
+                head_sliding_step=check_optional(check_int, "head_sliding_step", head_sliding_step, low=0))
+
+
 def s2(q, k, v, *, causal: bool, scale: float, backend: str, block_size: int = 64, local_blocks: int = 16,
        vert_stride: int = 8, homo_head: bool = False, num_dense_heads: int = 0, head_sliding_offset: int = 0,
        head_sliding_step: int | None = None, window_size=(-1, -1), softcap: float = 0.0,
@@ -50,11 +61,13 @@ def s2(q, k, v, *, causal: bool, scale: float, backend: str, block_size: int = 6
     """S2-Attention: q (B, Hq, N, D), k (B, Hk, M, D), v (B, Hk, M, Dv) -> out (B, Hq, N, Dv), or
     (out, block_mask) with `return_block_mask`. See attnzoo.masks.local_strided for the pattern;
     `num_dense_heads` counts kv heads."""
-    block_mask = s2_block_mask(
-        q.shape[2], k.shape[2], q.shape[1], k.shape[1], block_size=block_size, local_blocks=local_blocks,
-        vert_stride=vert_stride, homo_head=bool(homo_head), num_dense_heads=num_dense_heads,
-        head_sliding_offset=head_sliding_offset, causal=causal, device=q.device, head_sliding_step=head_sliding_step)
+    pattern = check_s2_params(k.shape[1], block_size=block_size, local_blocks=local_blocks, vert_stride=vert_stride,
+                              homo_head=homo_head, num_dense_heads=num_dense_heads,
+                              head_sliding_offset=head_sliding_offset, head_sliding_step=head_sliding_step)
     window, softcap = check_window(window_size), check_softcap(softcap)
+    return_block_mask = check_bool("return_block_mask", return_block_mask)
+    block_mask = s2_block_mask(q.shape[2], k.shape[2], q.shape[1], k.shape[1], causal=causal, device=q.device,
+                               **pattern)
     out, _ = flash_attention(q, k, v, scale=scale, causal=causal, window_size=window, softcap=softcap,
                              block_mask=block_mask, backend=backend)
     if return_block_mask:  # a copy: the cached pattern serves every later call of this shape

@@ -28,7 +28,8 @@ from ..geometry import block_geometry, num_blocks
 from ..ops.block_target import block_max_probs
 from ..ops.dispatch import resolve
 from ..ops.flash import flash_attention, windowed_blocks
-from ..validation import check_softcap, check_tensor, check_window
+from ..validation import (check_bool, check_finite, check_int, check_optional, check_power_of_two, check_real,
+                          check_softcap, check_tensor, check_window)
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 DEFAULT_THRESHOLD = 5e-4  # the official README's prefill example ("typical range 5e-4 ~ 5e-3")
@@ -49,13 +50,15 @@ def seerattention(q, k, v, *, causal: bool, scale: float, backend: str, gate=Non
     q (B, Hq, N, D), k (B, Hk, M, D), v (B, Hk, M, Dv) -> out (B, Hq, N, Dv), and the `BlockMask`
     (B, Hq, nQB, nKB) with `return_block_mask`. `gate`: None (oracle scores), an `AttnGate` (or any
     callable gate(q, k, causal=...)), or scores (B|1, Hq|1, nQB, nKB)."""
-    _check_selection(threshold, topk_ratio, block_size, last_blocks_dense)
+    threshold, topk_ratio, block_size, last_blocks_dense = _check_selection(threshold, topk_ratio, block_size,
+                                                                            last_blocks_dense)
+    window, softcap = check_window(window_size), check_softcap(softcap)
+    return_block_mask = check_bool("return_block_mask", return_block_mask)
     N, M = q.shape[2], k.shape[2]
     scores = block_scores(q, k, gate, block_size=block_size, causal=causal, scale=scale, backend=backend)
     keep = select_blocks(scores, N, M, block_size=block_size, causal=causal, threshold=threshold,
                          topk_ratio=topk_ratio, last_blocks_dense=last_blocks_dense)
     block_mask = BlockMask(keep, block_size)
-    window, softcap = check_window(window_size), check_softcap(softcap)
     out, _ = flash_attention(q, k, v, scale=scale, causal=causal, window_size=window, softcap=softcap,
                              block_mask=block_mask, backend=backend)
     if return_block_mask:
@@ -73,6 +76,7 @@ def block_scores(q, k, gate, *, block_size: int, causal: bool, scale: float, bac
             return block_attention_target(q, k, block_size, causal, scale=scale, backend=backend)
         if isinstance(gate, torch.Tensor):
             check_tensor("gate", gate, shape=shape, like=q, dtype=_FLOATS)
+            check_finite("gate", gate, allow_inf=True)  # scores rank blocks: -inf never wins
             return gate
         if not callable(gate):
             raise TypeError(f"gate must be None, an AttnGate (a callable gate(q, k, causal=...)) or a tensor of "
@@ -119,41 +123,36 @@ def _top_blocks(scores: torch.Tensor, admissible: torch.Tensor, topk_ratio: floa
 
 def diagonal_blocks(n: int, m: int, block_size: int, *, causal: bool, device=None) -> torch.Tensor:
     """Bool (nQB, nKB): the key blocks holding each query's diagonal key i + (M - N) (bottom-right
-    aligned; clamped into [0, M) when not causal), so every query that can see a key sees one."""
-    rows = torch.arange(n, device=device)
-    diag = rows + (m - n)
-    if causal:
-        rows, diag = rows[diag >= 0], diag[diag >= 0]
-    diag = diag.clamp(0, m - 1)
-    blocks = torch.zeros(num_blocks(n, block_size), num_blocks(m, block_size), dtype=torch.bool, device=device)
-    blocks[rows // block_size, diag // block_size] = True
-    return blocks
+    aligned; clamped into [0, M) when not causal), so every query that can see a key sees one. A query
+    block's diagonal keys are consecutive, so its blocks are one run; built from shapes alone (no
+    data-dependent indexing: it runs on the meta device and under torch.compile)."""
+    first_query = torch.arange(num_blocks(n, block_size), device=device)[:, None] * block_size  # (nQB, 1)
+    first_diag = first_query + (m - n)
+    last_diag = torch.clamp(first_query + block_size, max=n) - 1 + (m - n)
+    if causal:  # queries before the first key have no diagonal key
+        seen, first_diag = last_diag >= 0, first_diag.clamp(min=0)
+    else:
+        seen, first_diag, last_diag = True, first_diag.clamp(0, m - 1), last_diag.clamp(0, m - 1)
+    key = torch.arange(num_blocks(m, block_size), device=device)[None, :]  # (1, nKB)
+    return (key >= first_diag // block_size) & (key <= last_diag // block_size) & seen
 
 
-def _check_selection(threshold, topk_ratio, block_size, last_blocks_dense) -> None:
+def _check_selection(threshold, topk_ratio, block_size, last_blocks_dense) -> tuple:
+    """The validated (threshold, topk_ratio, block_size, last_blocks_dense); numbers may be Python,
+    numpy or 0-d tensor scalars."""
     if threshold is not None and topk_ratio is not None:
         raise ValueError(f"seerattention selects blocks by at most one of threshold (keep gate probability >= "
                          f"threshold) or topk_ratio (keep that share of each row; neither: threshold "
                          f"{DEFAULT_THRESHOLD}); got threshold={threshold!r}, topk_ratio={topk_ratio!r}")
-    if threshold is not None and not _is_real_in(threshold, 0.0, 1.0, low_open=False):
-        raise ValueError(f"threshold must be a float in [0, 1] (a gate probability), got {threshold!r}")
-    if topk_ratio is not None and not _is_real_in(topk_ratio, 0.0, 1.0, low_open=True):
-        raise ValueError(f"topk_ratio must be a float in (0, 1], got {topk_ratio!r}")
-    _check_block_size(block_size)
-    if isinstance(last_blocks_dense, bool) or not isinstance(last_blocks_dense, int) or last_blocks_dense < 0:
-        raise ValueError(f"last_blocks_dense must be an int >= 0, got {last_blocks_dense!r}")
+    threshold = check_optional(check_real, "threshold", threshold, low=0.0, high=1.0)
+    topk_ratio = check_optional(check_real, "topk_ratio", topk_ratio, low=0.0, low_open=True, high=1.0)
+    last_blocks_dense = check_int("last_blocks_dense", last_blocks_dense, low=0)
+    return threshold, topk_ratio, _check_block_size(block_size), last_blocks_dense
 
 
-def _check_block_size(block_size) -> None:
-    is_int = isinstance(block_size, int) and not isinstance(block_size, bool)
-    if not is_int or block_size < 16 or block_size & (block_size - 1):
-        raise ValueError(f"block_size must be a power of two >= 16, got {block_size!r}")
-
-
-def _is_real_in(x, low: float, high: float, *, low_open: bool) -> bool:
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
-        return False
-    return (low < x if low_open else low <= x) and x <= high
+def _check_block_size(block_size) -> int:
+    """SeerAttention's one block size (queries and keys): a power of two >= 16."""
+    return check_power_of_two("block_size", block_size, low=16)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -22,48 +22,68 @@ the same.
 
 from __future__ import annotations
 
-import math
+from typing import NamedTuple
 
 import torch
 
-from ..block_mask import BlockMask, _as_pair
+from ..block_mask import BlockMask
 from ..ops.flash import flash_attention, windowed_blocks
 from ..ops.scoring import antidiagonal_block_scores
-from ..validation import check_softcap, check_window
+from ..validation import (check_block_size, check_bool, check_int, check_optional, check_real, check_softcap,
+                          check_window)
 
 CACHE_KEY = "sparsed_block_mask"
 
 
-def _check_fraction(name: str, value, *, upper: float | None) -> float:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
-    if not ok or (upper is not None and value > upper):
-        bound = f"in [0, {upper}]" if upper is not None else "finite and >= 0"
-        raise ValueError(f"{name} must be a float {bound}, got {value!r}")
-    return float(value)
+class SparseDParams(NamedTuple):
+    """SparseD's parameters, validated."""
+
+    select: float
+    skip: float
+    block_q: int
+    block_k: int
+    gen_len: int | None
 
 
-def _check_count(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
+def sparsed_params(select, skip, block_size, gen_len, m: int) -> SparseDParams:
+    """Validate the pattern's parameters for keys of length m (numbers may be Python, numpy or 0-d
+    tensor scalars)."""
+    select = check_real("select", select, low=0.0, high=1.0)
+    skip = check_real("skip", skip, low=0.0)
+    block_q, block_k = check_block_size(block_size)
+    gen_len = check_optional(check_int, "gen_len", gen_len, low=1, high=m)
+    return SparseDParams(select, skip, block_q, block_k, gen_len)
 
 
-def check_schedule(step, total_steps, cache) -> None:
-    """A `step` (None = no schedule) needs `total_steps` and a dict `cache` kept across steps."""
+def check_schedule(step, total_steps, cache) -> tuple[int | None, int | None]:
+    """A `step` (None = no schedule) needs `total_steps` and a dict `cache` kept across steps; returns
+    the validated (step, total_steps)."""
+    step = check_optional(check_int, "step", step, low=0)
+    total_steps = check_optional(check_int, "total_steps", total_steps, low=1)
     if step is None:
-        return
-    _check_count("step", step, 0)
+        return None, total_steps
     if total_steps is None:
         raise ValueError("sparsed: step was given without total_steps (the number of denoising steps)")
-    _check_count("total_steps", total_steps, 1)
     if not isinstance(cache, dict):
         raise TypeError(f"sparsed: with step, cache must be a dict kept per layer across steps, got "
                         f"{type(cache).__name__}")
+    return step, total_steps
+
+
+def _check_fraction(name: str, value, *, upper: float | None) -> float:
+    """check_real in [0, upper] (attnzoo.distributed validates through this)."""
+    return check_real(name, value, low=0.0, high=upper)
+
+
+def _check_count(name: str, value, minimum: int) -> int:
+    """check_int >= minimum (attnzoo.distributed validates through this)."""
+    return check_int(name, value, low=minimum)
 
 
 def keep_count(n_blocks: int, select: float) -> int:
-    """How many key blocks a row keeps out of n_blocks: floor(n_blocks * select) + 1."""
-    return math.floor(n_blocks * select) + 1
+    """How many key blocks a row keeps out of n_blocks: floor(n_blocks * select) + 1. (int() is floor
+    here, select >= 0, and torch.compile traces it for symbolic sizes and floats; math.floor fails.)"""
+    return int(n_blocks * select) + 1
 
 
 def top_blocks(scores: torch.Tensor, count: int) -> torch.Tensor:
@@ -100,22 +120,17 @@ def sparsed(q, k, v, *, causal: bool, scale: float, backend: str, select: float 
     (out, block_mask) with `return_block_mask` (all blocks on dense steps). Non-causal."""
     if causal:
         raise ValueError("sparsed is for bidirectional (diffusion) models; call it with causal=False")
-    select = _check_fraction("select", select, upper=1.0)
-    skip = _check_fraction("skip", skip, upper=None)
-    block_q, block_k = _as_pair(block_size)
     n, m = q.shape[2], k.shape[2]
-    if gen_len is not None:
-        _check_count("gen_len", gen_len, 1)
-        if gen_len > m:
-            raise ValueError(f"gen_len must be <= the key length {m}, got {gen_len}")
-    check_schedule(step, total_steps, cache)
+    select, skip, block_q, block_k, gen_len = sparsed_params(select, skip, block_size, gen_len, m)
+    step, total_steps = check_schedule(step, total_steps, cache)
+    window, softcap = check_window(window_size), check_softcap(softcap)
+    return_block_mask = check_bool("return_block_mask", return_block_mask)
 
     if step is None:
         block_mask = _pattern(q, k, select, block_q, block_k, scale, gen_len, backend)
     else:
         block_mask = _scheduled_pattern(q, k, step, total_steps, skip, cache,
                                         lambda: _pattern(q, k, select, block_q, block_k, scale, gen_len, backend))
-    window, softcap = check_window(window_size), check_softcap(softcap)
     out, _ = flash_attention(q, k, v, scale=scale, causal=False, window_size=window, softcap=softcap,
                              block_mask=block_mask, backend=backend)
     if return_block_mask:
@@ -136,7 +151,7 @@ def _all_blocks(n: int, m: int, block_q: int, block_k: int, device) -> BlockMask
 
 def _scheduled_pattern(q, k, step: int, total_steps: int, skip: float, cache: dict, make) -> BlockMask | None:
     """The pattern for this step (None = dense): made and stored at step t*, reused after it."""
-    made_at = math.floor(total_steps * skip) + 1
+    made_at = int(total_steps * skip) + 1  # floor, as in keep_count
     if step == made_at:
         cache[CACHE_KEY] = make()
     if step <= made_at:

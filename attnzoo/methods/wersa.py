@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..ops import linear as _linear
 from ..validation import check_int, check_tensor
+from . import at_least_fp32
 
 _EPS = 1e-6
 _SQRT_HALF = 0.5 ** 0.5
@@ -69,6 +70,7 @@ def wavelet_filter(x: torch.Tensor, levels: int, gains: torch.Tensor | None) -> 
     return haar_idwt(bands)[:, :, :n]
 
 
+@torch.compiler.disable  # a seeded torch.Generator cannot be traced: one clean graph break
 def wersa_omega(head_dim: int, num_features: int, seed: int, *, dtype=torch.float32, device=None) -> torch.Tensor:
     """The fixed projection Omega (head_dim, num_features), standard Gaussian, drawn on the CPU from `seed`
     so that every device and backend sees the same matrix."""
@@ -107,8 +109,9 @@ def wersa(q, k, v, *, causal: bool, scale: float, backend: str, levels: int = 2,
     """q, k (B, H, N, D), v (B, H, N, Dv) -> o (B, H, N, Dv). gains (L+1,) or (B, N, L+1), shared by
     heads and channels (None = all 1). `scale` is unused: it would cancel in the normalised output."""
     levels, num_features, seed = check_wersa_args(q, k, causal, levels, num_features, gains, seed)
-    omega = wersa_omega(q.shape[-1], num_features, seed, dtype=q.dtype, device=q.device)
-    phi_q, phi_k = (random_features(wavelet_filter(x, levels, gains), omega) for x in (q, k))
+    filtered_q, filtered_k = (wavelet_filter(at_least_fp32(x), levels, gains) for x in (q, k))  # fp32 at least
+    omega = wersa_omega(q.shape[-1], num_features, seed, dtype=filtered_q.dtype, device=q.device)
+    phi_q, phi_k = random_features(filtered_q, omega), random_features(filtered_k, omega)
     return _linear.linear_attention(phi_q, phi_k, v, scale=1.0, causal=False, backend=backend, normalize=True,
                                     eps=_EPS, chunk_size=chunk_size)
 

@@ -18,29 +18,41 @@ GQA: query head h is scored against kv head h // (Hq // Hk); masks are per query
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
-from ..block_mask import BlockMask, _as_pair
+from ..block_mask import BlockMask
 from ..geometry import block_geometry, diagonal_key_block, num_blocks
 from ..ops.flash import flash_attention, windowed_blocks
 from ..ops.scoring import antidiagonal_block_scores
-from ..validation import check_softcap, check_window
+from ..validation import (check_block_size, check_bool, check_choice, check_int, check_optional,
+                          check_power_of_two, check_real, check_softcap, check_window)
 
 SELECTIONS = ("attnzoo", "official")
 
 
-def check_params(stride, threshold, block_size, selection: str = "attnzoo", chunk_size=None) -> tuple[int, int]:
-    """Validate the parameters; returns (block_q, block_k)."""
-    block_q, block_k = _as_pair(block_size)
-    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1 or stride & (stride - 1):
-        raise ValueError(f"stride must be a power of two >= 1, got {stride!r}")
+class XAttentionParams(NamedTuple):
+    """XAttention's parameters, validated."""
+
+    stride: int
+    threshold: float
+    block_q: int
+    block_k: int
+    selection: str
+    chunk_size: int | None
+
+
+def xattention_params(stride, threshold, block_size, selection="attnzoo", chunk_size=None) -> XAttentionParams:
+    """Validate the parameters (numbers may be Python, numpy or 0-d tensor scalars)."""
+    block_q, block_k = check_block_size(block_size)
+    stride = check_power_of_two("stride", stride)
     if stride > min(block_q, block_k):
         raise ValueError(f"stride must divide the block size, got stride={stride} with block_size={block_size!r}")
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
-        raise ValueError(f"threshold must be a float >= 0 (>= 1 keeps every block), got {threshold!r}")
-    if selection not in SELECTIONS:
-        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+    threshold = check_real("threshold", threshold, low=0.0)
+    selection = check_choice("selection", selection, SELECTIONS)
+    chunk_size = check_optional(check_int, "chunk_size", chunk_size, low=1)
     if selection == "attnzoo" and chunk_size is not None:
         raise ValueError(f"chunk_size is the reference code's query chunk and applies to selection='official' "
                          f"only, got chunk_size={chunk_size!r} with selection='attnzoo'")
@@ -48,11 +60,16 @@ def check_params(stride, threshold, block_size, selection: str = "attnzoo", chun
         if block_q != block_k:
             raise ValueError(f"selection='official' uses one block size for queries and keys, as the reference "
                              f"does, got block_size={block_size!r}")
-        is_int = isinstance(chunk_size, int) and not isinstance(chunk_size, bool)
-        if chunk_size is not None and (not is_int or chunk_size < block_q or chunk_size % block_q):
+        if chunk_size is not None and chunk_size % block_q:
             raise ValueError(f"chunk_size must be None (the reference's rule) or a positive multiple of the block "
-                             f"size {block_q}, got {chunk_size!r}")
-    return block_q, block_k
+                             f"size {block_q}, got {chunk_size}")
+    return XAttentionParams(stride, threshold, block_q, block_k, selection, chunk_size)
+
+
+def check_params(stride, threshold, block_size, selection="attnzoo", chunk_size=None) -> tuple[int, int]:
+    """(block_q, block_k) of `xattention_params` (attnzoo.distributed validates through this)."""
+    params = xattention_params(stride, threshold, block_size, selection, chunk_size)
+    return params.block_q, params.block_k
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -234,10 +251,12 @@ def xattention(q, k, v, *, causal: bool, scale: float, backend: str, stride: int
     antidiagonal stride S; `threshold` the fraction of estimated mass each query-block row keeps;
     `selection` "attnzoo" or "official" (the reference code's block choice, which chunks the queries
     by `chunk_size`, None = the reference's rule from M)."""
-    block_q, block_k = check_params(stride, threshold, block_size, selection, chunk_size)
-    block_mask = select_blocks(q, k, stride=stride, threshold=float(threshold), block_q=block_q, block_k=block_k,
-                               scale=scale, causal=causal, backend=backend, selection=selection, chunk_size=chunk_size)
+    params = xattention_params(stride, threshold, block_size, selection, chunk_size)
     window, softcap = check_window(window_size), check_softcap(softcap)
+    return_block_mask = check_bool("return_block_mask", return_block_mask)
+    block_mask = select_blocks(q, k, stride=params.stride, threshold=params.threshold, block_q=params.block_q,
+                               block_k=params.block_k, scale=scale, causal=causal, backend=backend,
+                               selection=params.selection, chunk_size=params.chunk_size)
     out, _ = flash_attention(q, k, v, scale=scale, causal=causal, window_size=window, softcap=softcap,
                              block_mask=block_mask, backend=backend)
     if return_block_mask:

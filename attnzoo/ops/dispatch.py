@@ -17,6 +17,10 @@ import types
 import torch
 
 from .._env import serialised, triton_interpreting
+from ..torch_impl import block_target as twin_block_target
+from ..torch_impl import flash as twin_flash
+from ..torch_impl import linear as twin_linear
+from ..torch_impl import scoring as twin_scoring
 
 BACKENDS = ("auto", "triton", "torch", "fla")
 
@@ -64,25 +68,30 @@ def resolve(backend: str, device: torch.device, supported: tuple[str, ...], meth
 
 
 _PACKAGES = {"triton": "attnzoo.kernels", "torch": "attnzoo.torch_impl"}
+# (op, backend) -> what implements it. The twins are pure torch and cheap to import, so they are here from
+# the start: torch.compile then finds the twin by a dict lookup instead of an import (an import inside
+# the traced region is a graph break). A Triton module joins on first use.
+_IMPLEMENTATIONS: dict[tuple[str, str], object] = {
+    ("block_target", "torch"): twin_block_target, ("flash", "torch"): twin_flash,
+    ("linear", "torch"): twin_linear, ("scoring", "torch"): twin_scoring,
+}
 
 
 def implementation(op: str, backend: str):
     """What implements `op` for `backend`: attnzoo/kernels/<op>.py (Triton) or its twin
-    attnzoo/torch_impl/<op>.py; both follow one signature. Imported on first use. The Triton module's
-    public functions come `serialised` (one interpreted launch at a time, see attnzoo/_env.py)."""
+    attnzoo/torch_impl/<op>.py; both follow one signature. The Triton module is imported on first use
+    and its public functions come `serialised` (one interpreted launch at a time, see attnzoo/_env.py)."""
     if backend not in _PACKAGES:
         raise ValueError(f"the {op} op has backends 'triton' and 'torch', not {backend!r}")
-    module = importlib.import_module(f"{_PACKAGES[backend]}.{op}")
-    return _launchers(module) if backend == "triton" else module
-
-
-_LAUNCHERS: dict[str, types.SimpleNamespace] = {}  # one entry per Triton op module (four at most)
+    found = _IMPLEMENTATIONS.get((op, backend))
+    if found is None:
+        found = _launchers(importlib.import_module(f"{_PACKAGES[backend]}.{op}"))
+        _IMPLEMENTATIONS[(op, backend)] = found
+    return found
 
 
 def _launchers(module) -> types.SimpleNamespace:
     """The public functions of a Triton op module, each wrapped in `serialised`."""
-    if module.__name__ not in _LAUNCHERS:
-        public = {name: serialised(fn) for name, fn in vars(module).items()
-                  if callable(fn) and not name.startswith("_") and getattr(fn, "__module__", None) == module.__name__}
-        _LAUNCHERS[module.__name__] = types.SimpleNamespace(**public)
-    return _LAUNCHERS[module.__name__]
+    public = {name: serialised(fn) for name, fn in vars(module).items()
+              if callable(fn) and not name.startswith("_") and getattr(fn, "__module__", None) == module.__name__}
+    return types.SimpleNamespace(**public)

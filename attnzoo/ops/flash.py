@@ -16,6 +16,8 @@ merged after either implementation by their logsumexp (`with_sinks`).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
@@ -117,6 +119,27 @@ def with_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor):
     return out * torch.exp(lse - total)[..., None].to(out.dtype), total
 
 
+def _python_bool(flag) -> bool:
+    """flag as a Python bool. Under torch.compile with dynamic shapes a comparison of sizes is a SymBool,
+    which SDPA's bool arguments refuse; branching on it specialises it instead (a guard, no graph break)."""
+    if flag:
+        return True
+    return False
+
+
+def _poison_seen_values(out: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal isolation for SDPA, which multiplies a masked NaN / inf value by 0 into every row: SDPA ran
+    on v with its non-finite entries zeroed, and here the (row, column) entries of out (B, Hq, N, Dv)
+    that see a non-finite v[j, c] (rows i >= j, N == M) become NaN, as the twin and the kernel make
+    them. v (B, Hk, M, Dv); shape-agnostic, so it traces without a graph break."""
+    nonfinite = ~torch.isfinite(v)
+    n = v.shape[2]
+    first = torch.where(nonfinite.any(dim=2), nonfinite.to(torch.uint8).argmax(dim=2), n)  # (B, Hk, Dv)
+    seen = torch.arange(n, device=v.device)[:, None] >= first[:, :, None, :]  # (B, Hk, N, Dv)
+    grouped = out.unflatten(1, (v.shape[1], -1))  # (B, Hk, G, N, Dv)
+    return grouped.masked_fill(seen[:, :, None], math.nan).flatten(1, 2)
+
+
 def max_head_dim(backend: str) -> int | None:
     """The largest head dim an implementation takes: the Triton kernel's register tiles stop at 256
     (the registry's dense head_dims); the torch path has no limit (None)."""
@@ -155,9 +178,11 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
     path = flash_path(backend, n=n, m=m, window=window, softcap=softcap, sparse=block_mask is not None,
                       need_lse=need_lse, extras=bias is not None or sinks is not None)
     if path == "sdpa":
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=window == (-1, 0), scale=scale,
-                                             enable_gqa=q.shape[1] != k.shape[1])
-        return out, None
+        causal_sdpa = _python_bool(window == (-1, 0))
+        values = torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0) if causal_sdpa else v
+        out = F.scaled_dot_product_attention(q, k, values, is_causal=causal_sdpa, scale=scale,
+                                             enable_gqa=_python_bool(q.shape[1] != k.shape[1]))
+        return (_poison_seen_values(out, v) if causal_sdpa else out), None
     index = None if block_mask is None else block_mask.sparse_index(n, m, causal=False, window=window)
     impl = "triton" if path == "triton" else "torch"
     bias = None if bias is None else compact_bias(bias)

@@ -49,10 +49,15 @@ def check_chunk_size(chunk_size) -> int:
 def check_log_gates(name: str, g: torch.Tensor) -> None:
     """Log forget gates must be finite and <= 0. (A forget gate of exactly 0, log 0 = -inf, would make
     the chunked form's exp(G_t - G_s) a NaN; a large negative value such as -60 forgets as well.)
-    Values are not read on the meta device."""
+    Values are not read on the meta device. Under torch.compile the check is an assertion inside the
+    graph (RuntimeError naming `name`, no graph break); eagerly a ValueError with the values' range."""
     if g.device.type == "meta":
         return
-    if not bool((torch.isfinite(g) & (g <= 0)).all()):
+    valid = (torch.isfinite(g) & (g <= 0)).all()
+    if torch.compiler.is_compiling():
+        torch._assert_async(valid, f"{name} holds log forget gates and must be finite and <= 0")
+        return
+    if not bool(valid):
         raise ValueError(f"{name} holds log forget gates and must be finite and <= 0; got values from "
                          f"{g.min().item():.3g} to {g.max().item():.3g} (for a gate that forgets everything "
                          "use a large negative value such as -60, not -inf)")

@@ -4,7 +4,8 @@ Same signature and work: per query block, the key blocks up to the last one its 
 of them when not causal; `geometry.visible_span`), in chunks of key blocks, turning each score into
 its exact probability exp(scale q k^T - lse) with the saved row logsumexp and max-pooling each
 (block x block) pair; key blocks past the causal diagonal are 0 without being computed. Query heads
-of a GQA group read their kv head through a broadcast view (k is never repeated).
+of a GQA group read their kv head through a broadcast view (k is never repeated). A NaN probability
+(from a non-finite q, k or lse) counts as 0, as in the kernel.
 
 Shapes: q (B, Hq, N, D), k (B, Hk, M, D), lse (B, Hq, N) fp32 (-inf for rows that see no key);
 out (B, Hq, nQB, nKB) fp32.
@@ -49,6 +50,7 @@ def block_max_probs(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, scal
                 cols = torch.arange(start, end, device=q.device)[None, :]
                 log_p = log_p.masked_fill(~geometry.visible(rows, cols, N, M, window), -math.inf)
             p = torch.exp(log_p)
+            p = p.masked_fill(p.isnan(), 0.0)  # a non-finite q, k or lse: counts 0, as in the kernel
             width = geometry.num_blocks(end - start, block_size) * block_size
             p = F.pad(p, (0, width - (end - start)))  # zeros: probabilities are >= 0
             pooled = p.unflatten(-1, (-1, block_size)).amax(dim=(-3, -1))  # (B, Hk, G, blocks)

@@ -33,6 +33,15 @@ def _admissible(q_groups: torch.Tensor, n_k_groups: int, stride: int, n: int, m:
     return (q_first < n) & geometry.visible(q_last, k_first, n, m, geometry.causal_window(causal))
 
 
+def _chunks(count: int, per_chunk: int) -> list[tuple[int, int]]:
+    """[first, stop) ranges of at most `per_chunk` covering range(count). One range when it fits, so that
+    torch.compile with dynamic shapes guards on count <= per_chunk rather than on count (no recompile
+    per length)."""
+    if count <= per_chunk:
+        return [(0, count)]
+    return [(first, min(first + per_chunk, count)) for first in range(0, count, per_chunk)]
+
+
 def antidiagonal_block_scores(q: torch.Tensor, k: torch.Tensor, *, stride: int, block_q: int, block_k: int,
                               scale: float, causal: bool) -> torch.Tensor:
     """q (B, Hq, N, D), k (B, Hk, M, D) -> block scores (B, Hq, nQB, nKB) fp32 (see the Triton kernel)."""
@@ -45,8 +54,7 @@ def antidiagonal_block_scores(q: torch.Tensor, k: torch.Tensor, *, stride: int, 
     blocks_per_chunk = max(1, _CHUNK_ELEMENTS // (groups_q * k_hat.shape[2]))
     window = geometry.causal_window(causal)
     scores = []
-    for first_block in range(0, n_qb, blocks_per_chunk):
-        stop_block = min(first_block + blocks_per_chunk, n_qb)
+    for first_block, stop_block in _chunks(n_qb, blocks_per_chunk):
         # as the kernel: only the key blocks that the chunk's last query may see (all when not causal)
         _, _, _, hi = geometry.visible_span(0, min(stop_block * block_q, N) - 1, N, M, window)
         seen_kb = geometry.num_blocks(hi, block_k)
