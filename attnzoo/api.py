@@ -63,7 +63,7 @@ class Method:
         info = self.info
         if causal is None:  # the method's natural default: non-causal where it can be, like SDPA
             causal = not info.supports.non_causal
-        check_causal(causal, info=info)
+        causal = check_causal(causal, info=info)
         autocast = _autocast_device(q)
         if autocast is not None:
             q, k, v = _autocast_inputs(q, k, v, autocast, info)

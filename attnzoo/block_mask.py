@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .geometry import block_geometry
+from .validation import check_block_size
 
 __all__ = ["BlockMask", "SparseIndex", "block_geometry", "INDEX_CACHE_ENTRIES"]
 
@@ -46,16 +47,6 @@ class SparseIndex:
     q_index_part: torch.Tensor
 
 
-def _as_pair(block_size) -> tuple[int, int]:
-    pair = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
-    if len(pair) != 2 or not all(isinstance(b, int) and not isinstance(b, bool) for b in pair):
-        raise TypeError(f"block_size must be an int or a (block_q, block_k) pair of ints, got {block_size!r}")
-    for b in pair:
-        if b < 16 or b & (b - 1):
-            raise ValueError(f"block sizes must be powers of two >= 16, got {block_size!r}")
-    return pair
-
-
 def _lists(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(..., R, C) bool -> counts (..., R) int32 and the selected column indices first, ascending."""
     counts = selected.sum(dim=-1, dtype=torch.int32)
@@ -80,7 +71,7 @@ class BlockMask:
             raise ValueError(f"block mask must have shape (B|1, H|1, nQB, nKB) with every dim >= 1 "
                              f"(or (nQB, nKB)), got {tuple(mask.shape)}")
         self.mask = mask
-        self.block_q, self.block_k = _as_pair(block_size)
+        self.block_q, self.block_k = check_block_size(block_size)
         # geometry -> (the mask's storage and version when built, its SparseIndex)
         self._index_cache: OrderedDict[tuple, tuple[tuple, SparseIndex]] = OrderedDict()
 

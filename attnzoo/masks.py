@@ -11,9 +11,9 @@ import functools
 
 import torch
 
-from .block_mask import BlockMask, _as_pair
+from .block_mask import BlockMask
 from .geometry import block_geometry, diagonal_key_block
-from .validation import check_window
+from .validation import check_block_size, check_int, check_window
 
 __all__ = ["and_", "causal", "local_strided", "or_", "random", "sliding_window"]
 
@@ -27,7 +27,7 @@ def _check_lengths(n, m) -> None:
 def causal(n: int, m: int, block_size=128, *, device=None) -> BlockMask:
     """The blocks (1, 1, nQB, nKB) holding at least one pair that bottom-right causal attention sees."""
     _check_lengths(n, m)
-    block_q, block_k = _as_pair(block_size)
+    block_q, block_k = check_block_size(block_size)
     any_visible, _ = block_geometry(n, m, block_q, block_k, causal=True, device=device)
     return BlockMask(any_visible[None, None], (block_q, block_k))
 
@@ -36,16 +36,10 @@ def sliding_window(n: int, m: int, window_size, block_size=128, *, device=None) 
     """The blocks (1, 1, nQB, nKB) that a (left, right) window touches (-1 = unbounded side), as in
     flash-attn: query i sees key j iff -left <= j - i - (M - N) <= right. (w, 0) is causal sliding window."""
     _check_lengths(n, m)
-    block_q, block_k = _as_pair(block_size)
+    block_q, block_k = check_block_size(block_size)
     any_visible, _ = block_geometry(n, m, block_q, block_k, causal=False, window=check_window(window_size),
                                     device=device)
     return BlockMask(any_visible[None, None], (block_q, block_k))
-
-
-def _check_positive_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 def local_strided(n: int, m: int, block_size: int = 64, *, local_blocks: int = 16, vert_stride: int = 8,
@@ -64,9 +58,9 @@ def local_strided(n: int, m: int, block_size: int = 64, *, local_blocks: int = 1
     block; `homo_head` gives every head head 0's pattern.
     """
     _check_lengths(n, m)
-    _check_positive_int("local_blocks", local_blocks)
-    _check_positive_int("vert_stride", vert_stride)
-    _check_positive_int("heads", heads)
+    check_int("local_blocks", local_blocks, low=1)
+    check_int("vert_stride", vert_stride, low=1)
+    check_int("heads", heads, low=1)
     if isinstance(num_dense_heads, bool) or not isinstance(num_dense_heads, int) or not 0 <= num_dense_heads <= heads:
         raise ValueError(f"num_dense_heads must be an int in [0, {heads}] (the kv heads), got {num_dense_heads!r}")
     if homo_head and num_dense_heads:
@@ -75,8 +69,8 @@ def local_strided(n: int, m: int, block_size: int = 64, *, local_blocks: int = 1
     if isinstance(head_sliding_offset, bool) or not isinstance(head_sliding_offset, int):
         raise TypeError(f"head_sliding_offset must be an int, got {head_sliding_offset!r}")
     step = max(1, vert_stride // heads) if head_sliding_step is None else head_sliding_step
-    _check_positive_int("head_sliding_step", step, minimum=0)
-    block_q, block_k = _as_pair(block_size)
+    check_int("head_sliding_step", step, low=0)
+    block_q, block_k = check_block_size(block_size)
     diag = diagonal_key_block(n, m, block_q, block_k, device=device)[:, None]  # (nQB, 1)
     key = torch.arange(-(-m // block_k), device=device)[None, :]  # (1, nKB)
     head = torch.arange(heads, device=device)[:, None, None]  # (H, 1, 1)
@@ -102,10 +96,10 @@ def random(n: int, m: int, density: float, block_size=128, *, batch: int = 1, he
     _check_lengths(n, m)
     if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 <= density <= 1.0:
         raise ValueError(f"density must be a float in [0, 1], got {density!r}")
-    block_q, block_k = _as_pair(block_size)
+    block_q, block_k = check_block_size(block_size)
     admissible, _ = block_geometry(n, m, block_q, block_k, causal=causal, device=device)  # (nQB, nKB)
     generator = torch.Generator(device=device or "cpu").manual_seed(seed)
-    shape = (_check_positive_int("batch", batch), _check_positive_int("heads", heads), *admissible.shape)
+    shape = (check_int("batch", batch, low=1), check_int("heads", heads, low=1), *admissible.shape)
     priority = torch.rand(shape, generator=generator, device=device).masked_fill(~admissible, -1.0)
     rank = priority.argsort(dim=-1, descending=True).argsort(dim=-1)  # 0 = highest priority
     keep_count = torch.floor(admissible.sum(-1, keepdim=True, dtype=torch.float64) * density + 0.5)  # (nQB, 1)

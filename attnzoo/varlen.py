@@ -28,7 +28,8 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-from .block_mask import BlockMask, _as_pair
+from .block_mask import BlockMask
+from .validation import check_block_size
 
 _PER_HEAD_INPUTS = ("sinks", "alibi_slopes", "conv_q", "conv_k")  # shared by every sequence
 _REFUSED_INPUTS = {"cache": "sparsed's cache holds the selection of one sequence: call each sequence on its own"}
@@ -107,7 +108,7 @@ def check_pack(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q, cu_seqlens_k, max
 
 def _grid_corner(name: str, grid: torch.Tensor, s: int, pack: Pack, block_size) -> torch.Tensor:
     """Sequence s's top-left corner of a pack's block grid (S, H|1, ceil(max_q / bq), ceil(max_k / bk))."""
-    bq, bk = _as_pair(block_size)
+    bq, bk = check_block_size(block_size)
     want = (len(pack), math.ceil(pack.max_q / bq), math.ceil(pack.max_k / bk))
     if grid.dim() != 4 or (grid.shape[0], grid.shape[2], grid.shape[3]) != want:
         raise ValueError(f"{name} for a pack of {len(pack)} sequences must have shape ({want[0]}, H|1, {want[1]}, "

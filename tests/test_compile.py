@@ -34,10 +34,6 @@ PARAMS = {
 # block_sparse and s2, the linear op through gla, based and lawcat); tracing it again behind their
 # selection or feature maps costs tens of seconds on CPU.
 FORWARD_ONLY = {"xattention", "seerattention", "sparsed", "wersa"}
-KNOWN_FAILURES = {
-    "lawcat": "AOT autograd fails in the backward of methods/lawcat.py causal_depthwise_conv's final "
-              "reshape + permute with dynamic shapes ('view size is not compatible'): issue 16",
-}
 FLASH_FAMILY = [name for name in REGISTRY.names() if attnzoo.info(name).family in ("exact", "sparse")]
 
 
@@ -59,14 +55,8 @@ def _case(name: str, n: int, *, grad: bool):
     return (q, k, v), params, causal
 
 
-def _marked(cases, reasons):
-    """pytest params of `cases` (tuples whose first entry is a method name), xfail where `reasons` names one."""
-    return [pytest.param(*case, marks=pytest.mark.xfail(reason=reasons[case[0]], strict=False))
-            if case[0] in reasons else pytest.param(*case) for case in cases]
-
-
-@pytest.mark.parametrize("name, extra", _marked([*((name, {}) for name in REGISTRY.names()),
-                                                 ("dense", dict(window_size=(8, 0), softcap=5.0))], KNOWN_FAILURES))
+@pytest.mark.parametrize("name, extra", [*((name, {}) for name in REGISTRY.names()),
+                                         ("dense", dict(window_size=(8, 0), softcap=5.0))])
 def test_compiled_with_dynamic_shapes_equals_eager(name, extra):
     """Outputs (and gradients) equal to eager at two lengths; no graph break for the exact and
     block-sparse family (Dynamo's graph-break counter stays empty)."""

@@ -335,9 +335,9 @@ def test_a_few_optimiser_steps_lower_the_gate_loss(seed, causal):
     target = block_attention_target(q, k, 16, causal, backend="torch")
     torch.manual_seed(seed)
     gate = AttnGate(16, 2, 1, hidden=16, block_size=16)
-    optimizer = torch.optim.Adam(gate.parameters(), lr=3e-2)
+    optimizer = torch.optim.Adam(gate.parameters(), lr=1e-2)  # 3e-2 overshoots on about 1 seed in 200
     losses = []
-    for _ in range(5):
+    for _ in range(10):
         loss = gate_loss(gate.logits(q, k, causal=causal), target)
         optimizer.zero_grad()
         loss.backward()

@@ -35,7 +35,7 @@ class ContextParallel:
         info = self.method.info
         if causal is None:  # the method's natural default, as attnzoo.get's callable has it
             causal = not info.supports.non_causal
-        check_causal(causal, info=info)
+        causal = check_causal(causal, info=info)
         check_qkv(q, k, v, info=info)
         scale = resolve_scale(scale, q.shape[-1])
         bound = get(info.name, **{**self.method.params, **kwargs})  # raises TypeError on an unknown keyword

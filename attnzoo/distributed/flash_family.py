@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..block_mask import BlockMask, _as_pair
+from ..block_mask import BlockMask
 from ..methods import block_sparse as _block_sparse
 from ..methods import flashbias as _flashbias
 from ..methods import s2 as _s2
@@ -79,11 +79,11 @@ def block_sparse(q, k, v, *, causal, scale, backend, layout, block_size=128, blo
 
 def s2(q, k, v, *, causal, scale, backend, layout, block_size=64, local_blocks=16, vert_stride=8, homo_head=False,
        num_dense_heads=0, head_sliding_offset=0, head_sliding_step=None, softcap=0.0, return_block_mask=False):
+    pattern = _s2.check_s2_params(k.shape[1], block_size=block_size, local_blocks=local_blocks,
+                                  vert_stride=vert_stride, homo_head=homo_head, num_dense_heads=num_dense_heads,
+                                  head_sliding_offset=head_sliding_offset, head_sliding_step=head_sliding_step)
     n, m = _global_lengths(q, k, layout)
-    block_mask = _s2.s2_block_mask(n, m, q.shape[1], k.shape[1], block_size=block_size, local_blocks=local_blocks,
-                                   vert_stride=vert_stride, homo_head=bool(homo_head), num_dense_heads=num_dense_heads,
-                                   head_sliding_offset=head_sliding_offset, causal=causal, device=q.device,
-                                   head_sliding_step=head_sliding_step)
+    block_mask = _s2.s2_block_mask(n, m, q.shape[1], k.shape[1], causal=causal, device=q.device, **pattern)
     out, _ = _ring(q, k, v, layout=layout, backend=backend, causal=causal, scale=scale,
                    softcap=check_softcap(softcap), block_mask=block_mask)
     if return_block_mask:  # a copy: the cached pattern serves later calls
@@ -93,11 +93,11 @@ def s2(q, k, v, *, causal, scale, backend, layout, block_size=64, local_blocks=1
 
 def xattention(q, k, v, *, causal, scale, backend, layout, stride=8, threshold=0.9, block_size=128,
                selection="attnzoo", chunk_size=None, softcap=0.0, return_block_mask=False):
-    block_q, block_k = _xattention.check_params(stride, threshold, block_size, selection, chunk_size)
+    params = _xattention.xattention_params(stride, threshold, block_size, selection, chunk_size)
     q_all, k_all = _gathered(q, k, layout)
-    block_mask = _xattention.select_blocks(q_all, k_all, stride=stride, threshold=float(threshold), block_q=block_q,
-                                           block_k=block_k, scale=scale, causal=causal, backend=backend,
-                                           selection=selection, chunk_size=chunk_size)
+    block_mask = _xattention.select_blocks(q_all, k_all, stride=params.stride, threshold=params.threshold,
+                                           block_q=params.block_q, block_k=params.block_k, scale=scale, causal=causal,
+                                           backend=backend, selection=params.selection, chunk_size=params.chunk_size)
     out, _ = _ring(q, k, v, layout=layout, backend=backend, causal=causal, scale=scale,
                    softcap=check_softcap(softcap), block_mask=block_mask)
     return (out, block_mask) if return_block_mask else out
@@ -107,7 +107,8 @@ def seerattention(q, k, v, *, causal, scale, backend, layout, gate=None, thresho
                   block_size=64, last_blocks_dense=2, softcap=0.0, return_block_mask=False):
     """`gate`: None (oracle scores) or an AttnGate (both read the gathered q, k), or global scores
     (B|1, Hq|1, nQB, nKB), unsharded, which need no gather."""
-    _seer._check_selection(threshold, topk_ratio, block_size, last_blocks_dense)
+    threshold, topk_ratio, block_size, last_blocks_dense = _seer._check_selection(threshold, topk_ratio, block_size,
+                                                                                  last_blocks_dense)
     n, m = _global_lengths(q, k, layout)
     q_all, k_all = _stand_ins(q, k, layout) if isinstance(gate, torch.Tensor) else _gathered(q, k, layout)
     scores = _seer.block_scores(q_all, k_all, gate, block_size=block_size, causal=causal, scale=scale, backend=backend)
@@ -125,13 +126,9 @@ def sparsed(q, k, v, *, causal, scale, backend, layout, select=0.3, block_size=1
     global pattern made at step t*."""
     if causal:
         raise ValueError("sparsed is for bidirectional (diffusion) models; call it with causal=False")
-    select = _sparsed._check_fraction("select", select, upper=1.0)
-    skip = _sparsed._check_fraction("skip", skip, upper=None)
-    block_q, block_k = _as_pair(block_size)
     n, m = _global_lengths(q, k, layout)
-    if gen_len is not None and _sparsed._check_count("gen_len", gen_len, 1) > m:
-        raise ValueError(f"gen_len must be <= the key length {m}, got {gen_len}")
-    _sparsed.check_schedule(step, total_steps, cache)
+    select, skip, block_q, block_k, gen_len = _sparsed.sparsed_params(select, skip, block_size, gen_len, m)
+    step, total_steps = _sparsed.check_schedule(step, total_steps, cache)
 
     def pattern():
         q_all, k_all = _gathered(q, k, layout)

@@ -22,12 +22,13 @@ from typing import NamedTuple
 
 import torch
 
+from ..methods import at_least_fp32
 from ..methods import based as _based
 from ..methods import gla as _gla
 from ..methods import lawcat as _lawcat
 from ..methods import wersa as _wersa
 from ..ops.linear import linear_attention
-from ..validation import check_tensor
+from ..validation import check_bool, check_positive, check_tensor
 from .layout import Layout, all_gather, chunks_in_order
 
 
@@ -118,6 +119,7 @@ def gla(q, k, v, *, causal, scale, backend, layout, chunk_size=None, g=None, ini
 
 def based(q, k, v, *, causal, scale, backend, layout, use_norm=True, eps=1e-6, chunk_size=None):
     _based._check_lengths(q, k)
+    use_norm, eps = check_bool("use_norm", use_norm), check_positive("eps", eps)
     phi_q, phi_k = _based._features(q, k, scale)
     out, _ = state_passing(_chunked(layout, phi_q, phi_k, v), layout, causal=causal, normalize=use_norm,
                            scale=1.0, backend=backend, eps=eps, chunk_size=chunk_size)
@@ -145,8 +147,10 @@ def lawcat(q, k, v, *, causal, scale, backend, layout, feature_map="elu1", eps=1
            conv_q=None, conv_k=None):
     """`g` (B, H, n) or (B, H, n, D) is sharded like q; conv_q, conv_k are the (unsharded) kernels."""
     _lawcat.check_lawcat_args(q, k, causal, g, conv_q, conv_k, feature_map)
+    eps = check_positive("eps", eps)
     phi = _lawcat.feature_map_fn(feature_map)
-    phi_q, phi_k = phi(_conv_with_halo(q, conv_q, layout)), phi(_conv_with_halo(k, conv_k, layout))
+    phi_q = phi(_conv_with_halo(at_least_fp32(q), conv_q, layout))  # features in fp32 at least, as on one device
+    phi_k = phi(_conv_with_halo(at_least_fp32(k), conv_k, layout))
     out, _ = state_passing(_chunked(layout, phi_q, phi_k, v, _lawcat._gate_per_channel(g, q.shape)), layout,
                            causal=True, normalize=True, scale=1.0, backend=backend, eps=eps, chunk_size=chunk_size)
     return out
@@ -175,8 +179,9 @@ def wersa(q, k, v, *, causal, scale, backend, layout, levels=2, num_features=256
     """`gains` (L+1,) is the same on every rank; a series (B, N, L+1) is sharded along dim 1."""
     levels, num_features, seed = _wersa.check_wersa_args(q, k, causal, levels, num_features, gains, seed)
     _check_wersa_chunks(q.shape[2] * layout.world, layout, levels, gains)
-    omega = _wersa.wersa_omega(q.shape[-1], num_features, seed, dtype=q.dtype, device=q.device)
-    phi_q, phi_k = (_wersa.random_features(_wersa.wavelet_filter(x, levels, gains), omega) for x in (q, k))
+    filtered_q, filtered_k = (_wersa.wavelet_filter(at_least_fp32(x), levels, gains) for x in (q, k))
+    omega = _wersa.wersa_omega(q.shape[-1], num_features, seed, dtype=filtered_q.dtype, device=q.device)
+    phi_q, phi_k = (_wersa.random_features(x, omega) for x in (filtered_q, filtered_k))
     out, _ = state_passing(_chunked(layout, phi_q, phi_k, v), layout, causal=False, normalize=True, scale=1.0,
                            backend=backend, eps=_wersa._EPS, chunk_size=chunk_size)
     return out

@@ -46,7 +46,7 @@ def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor | None) -> torch
     taps = weight.shape[-1]
     channels = x.permute(0, 1, 3, 2).reshape(B, H * D, N)
     y = F.conv1d(F.pad(channels, (taps - 1, 0)), weight.reshape(H * D, 1, taps).to(x.dtype), groups=H * D)
-    return y.reshape(B, H, D, N).permute(0, 1, 3, 2)
+    return y.reshape(B, H, D, N).permute(0, 1, 3, 2).contiguous()  # (B, H, N, D) in its own layout
 
 
 def _gate_per_channel(g: torch.Tensor | None, shape) -> torch.Tensor | None:

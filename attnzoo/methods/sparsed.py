@@ -70,16 +70,6 @@ def check_schedule(step, total_steps, cache) -> tuple[int | None, int | None]:
     return step, total_steps
 
 
-def _check_fraction(name: str, value, *, upper: float | None) -> float:
-    """check_real in [0, upper] (attnzoo.distributed validates through this)."""
-    return check_real(name, value, low=0.0, high=upper)
-
-
-def _check_count(name: str, value, minimum: int) -> int:
-    """check_int >= minimum (attnzoo.distributed validates through this)."""
-    return check_int(name, value, low=minimum)
-
-
 def keep_count(n_blocks: int, select: float) -> int:
     """How many key blocks a row keeps out of n_blocks: floor(n_blocks * select) + 1. (int() is floor
     here, select >= 0, and torch.compile traces it for symbolic sizes and floats; math.floor fails.)"""

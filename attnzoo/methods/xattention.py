@@ -66,12 +66,6 @@ def xattention_params(stride, threshold, block_size, selection="attnzoo", chunk_
     return XAttentionParams(stride, threshold, block_q, block_k, selection, chunk_size)
 
 
-def check_params(stride, threshold, block_size, selection="attnzoo", chunk_size=None) -> tuple[int, int]:
-    """(block_q, block_k) of `xattention_params` (attnzoo.distributed validates through this)."""
-    params = xattention_params(stride, threshold, block_size, selection, chunk_size)
-    return params.block_q, params.block_k
-
-
 # ---------------------------------------------------------------------------------------------------
 # selection="attnzoo"
 # ---------------------------------------------------------------------------------------------------
