@@ -165,9 +165,13 @@ def test_the_generation_region_is_ranked_with_all_of_it_visible():
 
 def test_a_dense_step_returns_every_block_of_the_call():
     """Steps before skip * total_steps are dense: the returned mask holds every block of (N, M), here
-    ceil(40 / 16) x ceil(72 / 16)."""
-    q, k = torch.randn(1, 2, 40, 16), torch.randn(1, 2, 72, 16)
+    ceil(40 / 16) x ceil(72 / 16), for any batch and head count (here 1 and 3), and the output is
+    full attention."""
+    q, k, v = torch.randn(1, 3, 40, 16), torch.randn(1, 3, 72, 16), torch.randn(1, 3, 72, 16)
     fn = attnzoo.get("sparsed", block_size=16, skip=0.5, total_steps=4, step=0)
-    _, block_mask = fn(q, k, k, cache={}, return_block_mask=True)
+    out, block_mask = fn(q, k, v, cache={}, return_block_mask=True)
     kept = block_mask.to_dense()
+    assert kept.shape[0] == 1 and kept.shape[1] in (1, 3)  # (B | 1, Hq | 1, ...) as every returned mask
     assert kept.shape[-2:] == (3, 5) and kept.all()
+    torch.testing.assert_close(out.double(), attention(q.double(), k.double(), v.double(), causal=False),
+                               rtol=1e-5, atol=1e-5)

@@ -123,16 +123,14 @@ def _top_blocks(scores: torch.Tensor, admissible: torch.Tensor, topk_ratio: floa
 
 def diagonal_blocks(n: int, m: int, block_size: int, *, causal: bool, device=None) -> torch.Tensor:
     """Bool (nQB, nKB): the key blocks holding each query's diagonal key i + (M - N) (bottom-right
-    aligned; clamped into [0, M) when not causal), so every query that can see a key sees one. A query
+    aligned; clamped at key 0 when not causal), so every query that can see a key sees one. A query
     block's diagonal keys are consecutive, so its blocks are one run; built from shapes alone (no
     data-dependent indexing: it runs on the meta device and under torch.compile)."""
     first_query = torch.arange(num_blocks(n, block_size), device=device)[:, None] * block_size  # (nQB, 1)
     first_diag = first_query + (m - n)
     last_diag = torch.clamp(first_query + block_size, max=n) - 1 + (m - n)
-    if causal:  # queries before the first key have no diagonal key
-        seen, first_diag = last_diag >= 0, first_diag.clamp(min=0)
-    else:
-        seen, first_diag, last_diag = True, first_diag.clamp(0, m - 1), last_diag.clamp(0, m - 1)
+    seen = last_diag >= 0 if causal else True  # causal queries before the first key have no diagonal key
+    first_diag, last_diag = first_diag.clamp(min=0), last_diag.clamp(min=0)  # both stay <= M - 1
     key = torch.arange(num_blocks(m, block_size), device=device)[None, :]  # (1, nKB)
     return (key >= first_diag // block_size) & (key <= last_diag // block_size) & seen
 
