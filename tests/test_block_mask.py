@@ -85,6 +85,22 @@ def test_density_to_dense_and_repr():
     text = repr(block_mask)
     assert "block_size=(32, 32)" in text and "density=0.750" in text and "#.\n  ##" in text
     assert "mask[0, 0]" not in repr(BlockMask(torch.ones(1, 1, 17, 2, dtype=torch.bool), 16))
+    assert "#" * 16 in repr(BlockMask(torch.ones(1, 1, 16, 16, dtype=torch.bool), 16))  # 16 x 16 is drawn
+
+
+def test_index_cache_reuses_an_index_and_evicts_the_least_recently_used_geometry():
+    """One index per geometry (N, M, causal, window), built once and handed out again; with all
+    INDEX_CACHE_ENTRIES (4) geometries held, touching the first and adding a fifth evicts the second."""
+    mask = BlockMask(torch.ones(1, 1, 4, 4, dtype=torch.bool), 16)
+    lengths = [49, 50, 51, 52, 53]
+    first = mask.sparse_index(49, 49, causal=False)
+    assert mask.sparse_index(49, 49, causal=False) is first
+    for n in lengths[1:4]:
+        mask.sparse_index(n, n, causal=False)
+    mask.sparse_index(49, 49, causal=False)
+    mask.sparse_index(53, 53, causal=False)
+    held = sorted(n for n, *_ in mask._index_cache)
+    assert held == [49, 51, 52, 53]
 
 
 @pytest.mark.parametrize("mask, block_size, error", [

@@ -134,6 +134,16 @@ def test_alibi_rejects_non_causal():
         attnzoo.get("flashbias")(q, k, v, causal=False, alibi_slopes=torch.rand(2))
 
 
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_bias_that_is_not_finite_is_rejected(bad):
+    """A full bias is factorised by SVD, which a NaN or inf would spread over every entry: refused."""
+    q, k, v = make_qkv((1, 2, 2, 8, 8, 16, 16), seed=0)
+    bias = torch.randn(1, 2, 8, 8)
+    bias[0, 1, 3, 4] = bad
+    with pytest.raises(ValueError, match="bias"):
+        attnzoo.get("flashbias")(q, k, v, causal=False, bias=bias, backend="torch")
+
 @given(shape=shapes(max_len=24), causal=st.booleans(), backend=BACKENDS, seed=st.integers(0, 2**31 - 1))
 @settings()
 def test_full_rank_bias_equals_reference(shape, causal, backend, seed):

@@ -2,6 +2,7 @@
 non-causal, with and without the normaliser), causality, gradients and decoding steps."""
 
 import functools
+import warnings
 
 import pytest
 import torch
@@ -113,3 +114,17 @@ def test_mismatched_lengths_raise():
     q, k, v = qkv(N=8)
     with pytest.raises(ValueError, match="one length"):
         attnzoo.get("based")(q, k[:, :, :4], v[:, :, :4], causal=False)
+
+
+def test_head_dims_above_64_warn_of_the_feature_count():
+    """BASED projects q and k to a small dim first: from D = 65 (2211 features per head) the call warns,
+    at D = 64 it does not."""
+    def call(d):
+        q, k, v = torch.randn(1, 1, 8, d), torch.randn(1, 1, 8, d), torch.randn(1, 1, 8, 4)
+        attnzoo.get("based")(q, k, v, causal=True, backend="torch")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        call(64)
+    with pytest.warns(UserWarning, match="head dim 65"):
+        call(65)

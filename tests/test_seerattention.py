@@ -378,3 +378,23 @@ def test_registry_defaults_run_with_q_k_v_only():
     assert torch.equal(block_mask.to_dense(), want)
     mask = expand_block_mask(want, 200, 200, 64, 64)
     assert_close(out, attention(q.double(), k.double(), v.double(), causal=True, mask=mask))
+
+
+def test_topk_ratio_keeps_exactly_ratio_times_the_admissible_blocks():
+    """topk_ratio 0.3 of 10 admissible blocks keeps 3 (0.3 * 10 is 3.0000000000000004 in floats: the
+    rounding must not add a fourth). One query block, scores chosen so its diagonal block (9) is first."""
+    q, k, v = torch.randn(1, 1, 16, 16), torch.randn(1, 1, 160, 16), torch.randn(1, 1, 160, 16)
+    scores = torch.tensor([0.9, 0.8, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 1.0]).view(1, 1, 1, 10)
+    fn = attnzoo.get("seerattention", topk_ratio=0.3, block_size=16, last_blocks_dense=0)
+    _, block_mask = fn(q, k, v, causal=False, gate=scores, backend="torch", return_block_mask=True)
+    assert block_mask.to_dense()[0, 0, 0].tolist() == [True, True] + [False] * 7 + [True]
+
+
+def test_gate_scores_of_batch_one_serve_every_batch_element():
+    """Scores (1, Hq, nQB, nKB) broadcast over a batch of 3: every element keeps the same blocks."""
+    q, k, v = torch.randn(3, 2, 32, 16), torch.randn(3, 2, 64, 16), torch.randn(3, 2, 64, 16)
+    scores = torch.rand(1, 2, 2, 4)
+    fn = attnzoo.get("seerattention", topk_ratio=0.5, block_size=16, last_blocks_dense=0)
+    _, block_mask = fn(q, k, v, causal=False, gate=scores, backend="torch", return_block_mask=True)
+    kept = block_mask.to_dense().expand(3, 2, 2, 4)
+    assert torch.equal(kept[1], kept[0]) and torch.equal(kept[2], kept[0])
