@@ -107,6 +107,8 @@ def _reference_for(q, k, **kwargs):
        backend=st.sampled_from(["torch", "triton"]))
 @example(seed=0, n=64, m=64, block=16, stride=4, chunks=None, causal=False, heads=(1, 1), threshold=0.0,
          backend="torch")  # threshold 0: nothing but the forced blocks and block 0 (counted < 0 never holds)
+@example(seed=1, n=32, m=96, block=16, stride=4, chunks=1, causal=True, heads=(1, 1), threshold=0.5,
+         backend="torch")  # causal N < M over several chunks: query block i's diagonal is key block i + 4
 @settings()
 def test_official_selection_equals_the_reference_code(seed, n, m, block, stride, chunks, causal, heads, threshold,
                                                       backend):
