@@ -58,8 +58,13 @@ class Method:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool | None = None,
                  scale: float | None = None, backend: str = "auto", **kwargs):
+        pack = None
         if any(name in kwargs for name in varlen.PACK_KEYWORDS):  # packed sequences: docs/varlen.md
-            return varlen.packed(self, q, k, v, causal=causal, scale=scale, backend=backend, **kwargs)
+            offsets = {name: kwargs.pop(name) for name in varlen.PACK_KEYWORDS if name in kwargs}
+            pack = varlen.check_pack(q, k, **offsets)
+            varlen.check_packed_inputs(kwargs)
+            if not varlen.runs_whole(self._fn, pack):
+                return varlen.packed(self, q, k, v, pack, causal=causal, scale=scale, backend=backend, **kwargs)
         info = self.info
         if causal is None:  # the method's natural default: non-causal where it can be, like SDPA
             causal = not info.supports.non_causal
@@ -73,7 +78,8 @@ class Method:
         resolved = resolve_backend(backend, q.device, info.supports.backends, info.name)
         # under autocast the method computes in the dtype it was given, as it would outside
         with torch.autocast(autocast, enabled=False) if autocast else contextlib.nullcontext():
-            result = self._fn(q, k, v, causal=causal, scale=scale, backend=resolved, **call)
+            result = self._fn(q, k, v, causal=causal, scale=scale, backend=resolved, **call,
+                              **({} if pack is None else {"pack": pack}))
         return result if info.supports.backward else _without_backward(result, info.name)
 
     def __repr__(self) -> str:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .geometry import block_geometry
+from .geometry import Pack, block_geometry, num_blocks
 from .validation import check_block_size
 
 __all__ = ["BlockMask", "SparseIndex", "block_geometry", "INDEX_CACHE_ENTRIES"]
@@ -32,7 +32,8 @@ class SparseIndex:
     """Kernel form of a block mask for one call geometry (N, M, causal, window).
 
     Counts are int32 (Bm, Hm, rows); index lists int32 (Bm, Hm, rows, cols) with the first `count`
-    entries valid, in ascending order. Bm is 1 or B, Hm is 1 or Hq (broadcast when 1).
+    entries valid, in ascending order. Bm is 1 or B, Hm is 1 or Hq (broadcast when 1); for a pack Bm
+    is 1 or S, one row of lists per sequence.
     """
 
     block_q: int
@@ -104,8 +105,51 @@ class BlockMask:
         if device is not None and self.mask.device != torch.device(device):
             raise ValueError(f"block_mask is on {self.mask.device}; q, k, v are on {device}")
 
-    def sparse_index(self, n: int, m: int, *, causal: bool, window=(-1, -1)) -> SparseIndex:
-        """Kernel form for this geometry: full and partial lists, and their transposes. It is cached per
+    # -- packs (docs/varlen.md): one (S, H|1, nQB, nKB) grid, sequence s in the top-left corner of row s
+
+    def check_fits_pack(self, heads: int, pack: Pack, device=None) -> None:
+        """Raise ValueError unless this mask is a pack's grid: (S, heads|1, ceil(max_q / bq), ceil(max_k / bk))."""
+        want = (len(pack), num_blocks(pack.max_q, self.block_q), num_blocks(pack.max_k, self.block_k))
+        S, Hm, n_qb, n_kb = self.mask.shape
+        if (S, n_qb, n_kb) != want or Hm not in (1, heads):
+            raise ValueError(f"block_mask for a pack of {want[0]} sequences must have shape ({want[0]}, H|1, "
+                             f"{want[1]}, {want[2]}) (ceil(max_seqlen / block) blocks, block size ({self.block_q}, "
+                             f"{self.block_k})), got {self.shape}")
+        if device is not None and self.mask.device != torch.device(device):
+            raise ValueError(f"block_mask is on {self.mask.device}; q, k, v are on {device}")
+
+    def for_pack(self, pack: Pack) -> BlockMask:
+        """This pack grid cut to the grid the kernels walk: that of the longest sequences."""
+        rows = num_blocks(max(pack.q_lengths), self.block_q)
+        cols = num_blocks(max(pack.k_lengths), self.block_k)
+        return BlockMask(self.mask[:, :, :rows, :cols], self.block_size)
+
+    def per_sequence(self, pack: Pack) -> list[BlockMask | None]:
+        """Each sequence's own mask (1, H|1, ceil(N_s / bq), ceil(M_s / bk)) from a pack grid; None for a
+        sequence without queries or keys."""
+        out = []
+        for s, (n, m) in enumerate(zip(pack.q_lengths, pack.k_lengths)):
+            corner = self.mask[s:s + 1, :, :num_blocks(n, self.block_q), :num_blocks(m, self.block_k)]
+            out.append(BlockMask(corner, self.block_size) if n and m else None)
+        return out
+
+    @classmethod
+    def packed(cls, masks: list[BlockMask | None], pack: Pack, heads: int) -> BlockMask:
+        """The pack grid (S, heads|1, ...) over the longest sequences holding each sequence's mask (None: no
+        blocks) in its top-left corner; the rest False."""
+        first = next(mask for mask in masks if mask is not None)
+        per_head = any(mask is not None and mask.shape[1] > 1 for mask in masks)
+        grid = torch.zeros(len(pack), heads if per_head else 1, num_blocks(max(pack.q_lengths), first.block_q),
+                           num_blocks(max(pack.k_lengths), first.block_k), dtype=torch.bool, device=first.mask.device)
+        for s, mask in enumerate(masks):
+            if mask is not None:
+                grid[s, :, :mask.shape[2], :mask.shape[3]] = mask.mask[0]
+        return cls(grid, first.block_size)
+
+    def sparse_index(self, n, m, *, causal: bool, window=(-1, -1)) -> SparseIndex:
+        """Kernel form for this geometry: full and partial lists, and their transposes. For a pack of S
+        sequences n and m are tuples of the per-sequence lengths, the mask is (S|1, H|1, nQB, nKB) over
+        the pack's grid and sequence s's blocks count from its own first token. It is cached per
         geometry (at most INDEX_CACHE_ENTRIES, least recently used evicted); an entry records the mask's
         storage and version counter, so editing or replacing `mask` rebuilds that entry in place. A mask
         made under torch.inference_mode has no version counter: its index is built on every call, as it is
@@ -132,7 +176,7 @@ class BlockMask:
             return None
         return self.mask.data_ptr(), self.mask._version
 
-    def _build_index(self, n: int, m: int, causal: bool, window) -> SparseIndex:
+    def _build_index(self, n, m, causal: bool, window) -> SparseIndex:
         any_visible, fully = block_geometry(n, m, self.block_q, self.block_k, causal=causal, window=window,
                                             device=self.mask.device)
         full = self.mask & fully

@@ -14,6 +14,8 @@ nothing with what it checks.)
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 UNBOUNDED = -1
@@ -69,19 +71,34 @@ def query_span(first: int, last: int, n: int, m: int, window=(UNBOUNDED, UNBOUND
     return visible_span(first, last, m, n, (right, left))
 
 
-def block_geometry(n: int, m: int, block_q: int, block_k: int, *, causal: bool = False,
+def block_geometry(n, m, block_q: int, block_k: int, *, causal: bool = False,
                    window=(UNBOUNDED, UNBOUNDED), device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(any_visible, fully_visible), bool (nQB, nKB): blocks holding at least one visible pair, and
     blocks whose every pair is visible. A block reaching past the last key is never fully visible
-    (its tail needs masking)."""
-    left, right = causal_window(causal, window)
-    q_first = torch.arange(num_blocks(n, block_q), device=device)[:, None] * block_q
+    (its tail needs masking).
+
+    For a pack of S sequences, n and m are the per-sequence lengths (sequences of ints) and both are
+    (S, 1, nQB, nKB) over the pack's grid (its longest sequences): each sequence's blocks from its own
+    first token, blocks past its end neither visible nor full."""
+    if isinstance(n, int):
+        return tuple(x[0, 0] for x in _grid_geometry(n, m, num_blocks(n, block_q), num_blocks(m, block_k),
+                                                    block_q, block_k, causal_window(causal, window), device))
+    n_t = torch.tensor(n, device=device)[:, None, None, None]
+    m_t = torch.tensor(m, device=device)[:, None, None, None]
+    return _grid_geometry(n_t, m_t, num_blocks(max(n, default=0), block_q), num_blocks(max(m, default=0), block_k),
+                          block_q, block_k, causal_window(causal, window), device)
+
+
+def _grid_geometry(n, m, n_qb: int, n_kb: int, block_q: int, block_k: int, window, device):
+    """block_geometry on an (n_qb, n_kb) grid, n and m ints or (S, 1, 1, 1) tensors -> (S|1, 1, nQB, nKB)."""
+    left, right = window
+    q_first = torch.arange(n_qb, device=device)[:, None] * block_q
     q_last = torch.clamp(q_first + block_q, max=n) - 1
-    k_first = torch.arange(num_blocks(m, block_k), device=device)[None, :] * block_k
+    k_first = torch.arange(n_kb, device=device)[None, :] * block_k
     k_last_full = k_first + block_k - 1
     k_last = torch.clamp(k_last_full, max=m - 1)
     diag = m - n
-    any_visible = torch.ones(q_first.shape[0], k_first.shape[1], dtype=torch.bool, device=device)
+    any_visible = (q_first < n) & (k_first < m)
     fully = any_visible & (k_last_full < m)
     if right >= 0:
         any_visible &= k_first - q_last - diag <= right
@@ -89,11 +106,56 @@ def block_geometry(n: int, m: int, block_q: int, block_k: int, *, causal: bool =
     if left >= 0:
         any_visible &= k_last - q_first - diag >= -left
         fully &= k_first - q_last - diag >= -left
-    return any_visible, fully & any_visible
+    any_visible, fully = (torch.broadcast_to(x, (*x.shape[:-2], n_qb, n_kb)) for x in (any_visible, fully))
+    return any_visible[(None,) * (4 - any_visible.dim())], (fully & any_visible)[(None,) * (4 - fully.dim())]
 
 
-def diagonal_key_block(n: int, m: int, block_q: int, block_k: int, *, device=None) -> torch.Tensor:
+def diagonal_key_block(n, m, block_q: int, block_k: int, *, device=None) -> torch.Tensor:
     """int64 (nQB,): the key block holding the last key that the last query of each query block may
-    see under causal alignment (negative when that query sees no key)."""
-    last_query = torch.clamp((torch.arange(num_blocks(n, block_q), device=device) + 1) * block_q, max=n) - 1
+    see under causal alignment (negative when that query sees no key). For a pack (n, m the
+    per-sequence lengths): (S, 1, nQB) over the longest sequences' grid."""
+    if isinstance(n, int):
+        return _diagonal_key_block(n, m, num_blocks(n, block_q), block_q, block_k, device)
+    n_t = torch.tensor(n, device=device)[:, None, None]
+    m_t = torch.tensor(m, device=device)[:, None, None]
+    return _diagonal_key_block(n_t, m_t, num_blocks(max(n, default=0), block_q), block_q, block_k, device)
+
+
+def _diagonal_key_block(n, m, n_qb: int, block_q: int, block_k: int, device) -> torch.Tensor:
+    last_query = torch.clamp((torch.arange(n_qb, device=device) + 1) * block_q, max=n) - 1
     return torch.div(last_query + (m - n), block_k, rounding_mode="floor")
+
+
+class Pack(NamedTuple):
+    """Where the S sequences of a pack lie (docs/varlen.md): sequence s is the queries
+    q_starts[s]:q_starts[s + 1] and the keys k_starts[s]:k_starts[s + 1], each aligned, windowed and cut
+    into blocks from its own first token. `max_q` / `max_k` size the pack's block grids."""
+
+    q_starts: tuple[int, ...]  # S + 1 offsets into total_q
+    k_starts: tuple[int, ...]  # S + 1 offsets into total_k
+    max_q: int
+    max_k: int
+
+    @classmethod
+    def of_lengths(cls, q_lengths, k_lengths) -> Pack:
+        """The pack of sequences of these query and key lengths, end to end."""
+        def starts(lengths) -> tuple[int, ...]:
+            return tuple(int(x) for x in torch.tensor([0, *lengths]).cumsum(0))
+        return cls(starts(q_lengths), starts(k_lengths), max(q_lengths, default=0), max(k_lengths, default=0))
+
+    def __len__(self) -> int:
+        return len(self.q_starts) - 1
+
+    def q_span(self, s: int) -> slice:
+        return slice(self.q_starts[s], self.q_starts[s + 1])
+
+    def k_span(self, s: int) -> slice:
+        return slice(self.k_starts[s], self.k_starts[s + 1])
+
+    @property
+    def q_lengths(self) -> tuple[int, ...]:
+        return tuple(b - a for a, b in zip(self.q_starts, self.q_starts[1:]))
+
+    @property
+    def k_lengths(self) -> tuple[int, ...]:
+        return tuple(b - a for a, b in zip(self.k_starts, self.k_starts[1:]))

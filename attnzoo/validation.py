@@ -219,9 +219,10 @@ def check_softcap(softcap) -> float:
     return check_real("softcap", softcap, low=0.0)
 
 
-def check_bias(bias, q: torch.Tensor, m: int) -> None:
+def check_bias(bias, q: torch.Tensor, m: int, pack=None) -> None:
     """An additive attention bias: a float tensor of at most 4 dims broadcastable to (B, Hq, N, M),
-    in float32 or q's dtype, on q's device, without NaN (-inf is allowed: it masks a pair)."""
+    in float32 or q's dtype, on q's device, without NaN (-inf is allowed: it masks a pair). For a pack
+    (attnzoo.geometry.Pack) only the sequences' diagonal blocks are read, so only they are checked."""
     B, Hq, N = q.shape[:3]
     if not isinstance(bias, torch.Tensor):
         raise TypeError(f"bias must be a torch.Tensor broadcastable to (B, Hq, N, M), got {type(bias).__name__}")
@@ -234,7 +235,17 @@ def check_bias(bias, q: torch.Tensor, m: int) -> None:
         raise TypeError(f"bias has dtype {bias.dtype}; expected torch.float32 or q's dtype {q.dtype}")
     if bias.device != q.device:
         raise ValueError(f"bias must be on {q.device}, got {bias.device}")
-    check_finite("bias", bias, allow_inf=True)  # -inf masks a pair
+    if pack is None:
+        check_finite("bias", bias, allow_inf=True)  # -inf masks a pair
+        return
+    full = bias[(None,) * (4 - bias.dim())]
+
+    def part(dim: int, span: slice) -> slice:  # a broadcast dimension is read whole
+        return slice(None) if full.shape[dim] == 1 else span
+
+    blocks = [full[..., part(2, pack.q_span(s)), part(3, pack.k_span(s))].flatten()
+              for s in range(len(pack)) if pack.q_lengths[s] and pack.k_lengths[s]]
+    check_finite("bias", torch.cat(blocks), allow_inf=True)
 
 
 def check_sinks(sinks, q: torch.Tensor) -> None:

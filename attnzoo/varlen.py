@@ -23,34 +23,18 @@ S masks (None for an empty sequence), final states stacked as (S, Hk, D, Dv).
 
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import torch
 
 from .block_mask import BlockMask
+from .geometry import Pack
 from .validation import check_block_size
 
 _PER_HEAD_INPUTS = ("sinks", "alibi_slopes", "conv_q", "conv_k")  # shared by every sequence
 _REFUSED_INPUTS = {"cache": "sparsed's cache holds the selection of one sequence: call each sequence on its own"}
-
-
-class Pack(NamedTuple):
-    """Where each sequence of a pack lies: token offsets into q and into k / v."""
-
-    q_starts: list[int]  # S + 1 offsets into total_q
-    k_starts: list[int]  # S + 1 offsets into total_k
-    max_q: int           # max_seqlen_q: the query length block grids are sized for
-    max_k: int
-
-    def __len__(self) -> int:
-        return len(self.q_starts) - 1
-
-    def q_span(self, s: int) -> slice:
-        return slice(self.q_starts[s], self.q_starts[s + 1])
-
-    def k_span(self, s: int) -> slice:
-        return slice(self.k_starts[s], self.k_starts[s + 1])
 
 
 def _offsets(name: str, cu_seqlens, total: int) -> list[int]:
@@ -80,7 +64,7 @@ def _max_length(name: str, given, lengths: list[int]) -> int:
     return given
 
 
-def check_pack(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None,
+def check_pack(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
                max_seqlen_k=None) -> Pack:
     """The pack's sequence offsets, or an error naming what is wrong with the packed call."""
     if cu_seqlens_q is None or cu_seqlens_k is None:
@@ -98,7 +82,7 @@ def check_pack(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q, cu_seqlens_k, max
                          f"{len(q_starts) - 1} and {len(k_starts) - 1}")
     q_lengths = [b - a for a, b in zip(q_starts, q_starts[1:])]
     k_lengths = [b - a for a, b in zip(k_starts, k_starts[1:])]
-    return Pack(q_starts, k_starts, _max_length("max_seqlen_q", max_seqlen_q, q_lengths),
+    return Pack(tuple(q_starts), tuple(k_starts), _max_length("max_seqlen_q", max_seqlen_q, q_lengths),
                 _max_length("max_seqlen_k", max_seqlen_k, k_lengths))
 
 
@@ -127,11 +111,23 @@ def _token_slice(name: str, t: torch.Tensor, dim: int, total: int, span: slice) 
     return t.narrow(dim, span.start, span.stop - span.start)
 
 
+def check_packed_inputs(keywords: dict) -> None:
+    """Refuse the inputs that no packed call takes."""
+    for name, why in _REFUSED_INPUTS.items():
+        if keywords.get(name) is not None:
+            raise ValueError(f"{name} is not supported in a packed call: {why}")
+
+
+def runs_whole(fn: Callable, pack: Pack) -> bool:
+    """Whether the method function `fn` computes the pack in one call (it takes `pack=`; docs/varlen.md):
+    every pack with a sequence that has queries and keys. Otherwise `packed` calls it once per sequence."""
+    some_pair = any(n and m for n, m in zip(pack.q_lengths, pack.k_lengths))
+    return "pack" in inspect.signature(fn).parameters and some_pair
+
+
 def split_input(name: str, value, s: int, pack: Pack, block_size):
     """Sequence s's part of the keyword `name` of a packed call (a parameter or a call-time input);
     `block_size` is the method's, for block grids given as bool tensors or scores."""
-    if name in _REFUSED_INPUTS and value is not None:
-        raise ValueError(f"{name} is not supported in a packed call: {_REFUSED_INPUTS[name]}")
     if not isinstance(value, (torch.Tensor, BlockMask, tuple)) or name in _PER_HEAD_INPUTS:
         return value  # numbers, flags, windows, modules (a gate), per-head tensors
     total_q, total_k = pack.q_starts[-1], pack.k_starts[-1]
@@ -213,10 +209,9 @@ def packed_call(call: Callable, q, k, v, pack: Pack, *, keywords: dict[str, Any]
 PACK_KEYWORDS = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")
 
 
-def packed(method, q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
-           causal=None, scale=None, backend: str = "auto", **kwargs):
-    """`method` (an attnzoo.Method) over a pack: what `method(q, k, v, cu_seqlens_q=..., ...)` runs."""
-    pack = check_pack(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+def packed(method, q, k, v, pack: Pack, *, causal=None, scale=None, backend: str = "auto", **kwargs):
+    """`method` (an attnzoo.Method) over a pack, one call per sequence: what `method(q, k, v,
+    cu_seqlens_q=..., ...)` runs for a method that does not take the whole pack (`runs_whole`)."""
     outputs = method.info.supports.outputs
     flags = {name: value for name, value in kwargs.items() if name in outputs}
     keywords = {**method.bound, **{name: value for name, value in kwargs.items() if name not in outputs}}

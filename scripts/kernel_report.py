@@ -55,6 +55,7 @@ FLASH_TENSORS = {
     "dkdv": ("_flash_dkdv_kernel", ("Q", "K", "V", "DO", "DK", "DV_OUT", "LSE", "DELTA")),
 }
 SPARSE_POINTERS = ("COUNT_FULL", "INDEX_FULL", "COUNT_PART", "INDEX_PART")
+PACK_POINTERS = ("TILES", "TILE_BASE", "CU_Q", "CU_K")  # a pack's tile table (unused: the reported kernels run batches)
 
 
 def launch_ints(arg_names, head_dim: int, seq: int = SEQ) -> dict:
@@ -92,8 +93,9 @@ def flash_job(kind: str, arch: int, head_dim: int, variant: str, cfg: tuple, dty
     bm, bn, warps, stages = cfg
     pointers = {t: {"LSE": "*fp32", "DELTA": "*fp32"}.get(t, dtype) for t in tensors}
     pointers.update({t: ("*i32" if sparse else None) for t in SPARSE_POINTERS if t in fn.arg_names})
-    pointers.update(BIAS=None, DBIAS=None)  # the reported variants have no bias
+    pointers.update(BIAS=None, DBIAS=None, **dict.fromkeys(PACK_POINTERS))  # the reported variants: no bias, no pack
     constexprs = dict(HAS_LEFT=False, HAS_RIGHT=causal, HAS_SOFTCAP=False, HAS_BIAS=False, BIAS_GRAD=False,
+                      VARLEN=False,
                       SPARSE_Q=128 if sparse else 0,
                       SPARSE_K=128 if sparse else 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=head_dim, BLOCK_DV=head_dim,
                       PRECISION="ieee" if dtype == "*fp32" else "tf32", TMA=kind == "fwd_tma")
@@ -120,14 +122,15 @@ def linear_job(kernel: str, arch: int, head_dim: int, gated: bool, dtype: str = 
     """The launcher's CUDA tiles (linear._tiles, default chunk sizes of ops.linear), causal."""
     from attnzoo.kernels import linear
     fn = getattr(linear, kernel)
-    pointers = {}
+    pointers = dict.fromkeys(("CU", "CHUNK_STARTS", "CHUNKS"))  # no pack
     for name in LINEAR_ARGS[kernel]:
         optional = (name == "g" and not gated) or name in ("h0", "dfinal")
         pointers[name] = None if optional else (dtype if name in ("q", "k", "v", "g", "dout") else "*fp32")
     bt = 16 if gated else 64
     bk, bv = min(head_dim, 32 if gated else 64), min(head_dim, 64)
     flags = {"HAS_INITIAL": False, "HAS_DFINAL": False, "STORE_CHUNKS": True, "CAUSAL": True}
-    constexprs = dict(BT=bt, BK=bk, BV=bv, GATED=gated, PRECISION="ieee" if dtype == "*fp32" else "native",
+    constexprs = dict(BT=bt, BK=bk, BV=bv, GATED=gated, VARLEN=False,
+                      PRECISION="ieee" if dtype == "*fp32" else "native",
                       **{n: flags[n] for n in LINEAR_SWITCHES[kernel]})
     return dict(kernel=f"attnzoo.kernels.linear:{kernel}", pointers=pointers, floats=["scale"], constexprs=constexprs,
                 arch=arch, num_warps=4, num_stages=3, ints=launch_ints(fn.arg_names, head_dim),
@@ -140,8 +143,10 @@ def scoring_jobs(arch: int, head_dim: int) -> list[dict]:
     jobs = []
     fn = block_target._block_target_kernel
     jobs.append(dict(kernel="attnzoo.kernels.block_target:_block_target_kernel",
-                     pointers={"Q": "*bf16", "K": "*bf16", "LSE": "*fp32", "OUT": "*fp32"}, floats=["scale"],
-                     constexprs=dict(CAUSAL=True, BLOCK=128, BLOCK_M=64, BLOCK_N=64, BLOCK_D=head_dim, PRECISION="tf32"),
+                     pointers={"Q": "*bf16", "K": "*bf16", "LSE": "*fp32", "OUT": "*fp32",
+                               **dict.fromkeys(PACK_POINTERS)},
+                     floats=["scale"], constexprs=dict(CAUSAL=True, VARLEN=False, BLOCK=128, BLOCK_M=64, BLOCK_N=64,
+                                                       BLOCK_D=head_dim, PRECISION="tf32"),
                      arch=arch, num_warps=4, num_stages=3, ints=launch_ints(fn.arg_names, head_dim),
                      tag=dict(kernel="block_target", arch=arch, head_dim=head_dim, variant="causal", block_m=64,
                               block_n=64, warps=4, stages=3)))
@@ -149,10 +154,11 @@ def scoring_jobs(arch: int, head_dim: int) -> list[dict]:
     stride = 8
     groups = 128 // stride
     jobs.append(dict(kernel="attnzoo.kernels.scoring:_antidiagonal_kernel",
-                     pointers={"Q": "*bf16", "K": "*bf16", "OUT": "*fp32"}, floats=["est_scale_log2"],
+                     pointers={"Q": "*bf16", "K": "*bf16", "OUT": "*fp32", **dict.fromkeys(PACK_POINTERS)},
+                     floats=["est_scale_log2"],
                      constexprs=dict(STRIDE=stride, T_CHUNK=scoring.stride_chunk(stride, head_dim), GROUPS_Q=groups,
                                      GROUPS_K=groups, TILE_A=max(16, groups), TILE_B=max(16, groups),
-                                     BLOCK_D=head_dim, CAUSAL=True, PRECISION="tf32"),
+                                     BLOCK_D=head_dim, CAUSAL=True, VARLEN=False, PRECISION="tf32"),
                      arch=arch, num_warps=4, num_stages=3, ints=launch_ints(fn.arg_names, head_dim),
                      tag=dict(kernel="antidiagonal", arch=arch, head_dim=head_dim, variant="causal", block_m=128,
                               block_n=128, warps=4, stages=3)))

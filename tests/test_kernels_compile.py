@@ -13,8 +13,8 @@ TENSORS = {
     "_flash_dkdv_kernel": ("Q", "K", "V", "DO", "DK", "DV_OUT", "LSE", "DELTA"),
 }
 VARIANTS = [  # together they cover every constexpr branch: each kernel dense (span helpers) and sparse
-    # (listed helpers), masks, softcap, each dtype, both archs
-    # kernel, dtype, sparse, causal, window, softcap, tiles (m, n), head dim, arch[, TMA[, bias]]
+    # (listed helpers), masks, softcap, each dtype, both archs, batches and packs (VARLEN)
+    # kernel, dtype, sparse, causal, window, softcap, tiles (m, n), head dim, arch[, TMA[, bias[, pack]]]
     ("_flash_fwd_kernel", "*bf16", False, True, False, False, (128, 64), 128, 90),
     ("_flash_fwd_kernel", "*fp32", True, False, True, True, (32, 32), 64, 80),
     ("_flash_fwd_kernel", "*bf16", True, True, True, True, (64, 64), 64, 90, True),  # TMA, sparse
@@ -26,15 +26,21 @@ VARIANTS = [  # together they cover every constexpr branch: each kernel dense (s
     ("_flash_fwd_kernel", "*bf16", True, True, False, True, (64, 64), 64, 90, False, True),  # bias
     ("_flash_dq_kernel", "*fp16", False, True, False, False, (64, 64), 64, 80, False, True),  # bias + its grad
     ("_flash_dkdv_kernel", "*bf16", False, False, True, False, (64, 64), 128, 90, False, True),  # bias
+    ("_flash_fwd_kernel", "*bf16", True, True, False, False, (128, 64), 128, 90, True, False, True),  # pack, TMA
+    ("_flash_dq_kernel", "*fp16", False, True, True, False, (64, 64), 64, 80, False, True, True),  # pack, bias
+    ("_flash_dkdv_kernel", "*bf16", True, True, False, True, (64, 128), 128, 90, False, False, True),  # pack
 ]
+PACK_POINTERS = ("TILES", "TILE_BASE", "CU_Q", "CU_K")
 
 
-def _job(kernel, dtype, sparse, causal, window, softcap, tiles, head_dim, arch, tma=False, bias=False):
+def _job(kernel, dtype, sparse, causal, window, softcap, tiles, head_dim, arch, tma=False, bias=False, pack=False):
     pointers = {name: {"LSE": "*fp32", "DELTA": "*fp32"}.get(name, dtype) for name in TENSORS[kernel]}
     pointers.update({name: ("*i32" if sparse else None) for name in SPARSE_POINTERS})
+    pointers.update({name: ("*i32" if pack else None) for name in PACK_POINTERS})
     bias_grad = bias and kernel == "_flash_dq_kernel"
     pointers.update(BIAS="*fp32" if bias else None, DBIAS="*fp32" if bias_grad else None)
     meta = dict(HAS_LEFT=window, HAS_RIGHT=causal or window, HAS_SOFTCAP=softcap, HAS_BIAS=bias, BIAS_GRAD=bias_grad,
+                VARLEN=pack,
                 SPARSE_Q=128 if sparse else 0, SPARSE_K=128 if sparse else 0, BLOCK_M=tiles[0], BLOCK_N=tiles[1],
                 BLOCK_D=head_dim, BLOCK_DV=head_dim, PRECISION="ieee" if dtype == "*fp32" else "tf32")
     if kernel == "_flash_fwd_kernel":
@@ -59,11 +65,12 @@ def test_flash_kernels_compile_for_sm80_and_sm90():
 
 def test_block_target_kernel_compiles_for_sm80_and_sm90():
     _compile_all([dict(kernel="attnzoo.kernels.block_target:_block_target_kernel",
-                       pointers={"Q": dtype, "K": dtype, "LSE": "*fp32", "OUT": "*fp32"}, floats=["scale"],
-                       constexprs=dict(CAUSAL=causal, BLOCK=128, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64,
+                       pointers={"Q": dtype, "K": dtype, "LSE": "*fp32", "OUT": "*fp32",
+                                 **{name: "*i32" if pack else None for name in PACK_POINTERS}}, floats=["scale"],
+                       constexprs=dict(CAUSAL=causal, VARLEN=pack, BLOCK=128, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64,
                                        PRECISION="ieee" if dtype == "*fp32" else "tf32"),
                        arch=arch, num_warps=4)
-                  for dtype, causal, arch in [("*bf16", True, 90), ("*fp32", False, 80)]])
+                  for dtype, causal, arch, pack in [("*bf16", True, 90, False), ("*fp32", False, 80, True)]])
 
 
 def test_every_autotune_config_set_divides_into_sparse_blocks():

@@ -20,22 +20,25 @@ SWITCHES = {  # constexprs each kernel takes besides the tiles
     "_dqk_bwd": ("CAUSAL",),
     "_dv_bwd": ("CAUSAL",),
 }
-VARIANTS = [  # dtype, gated, causal, with states, arch, kernels: together every constexpr branch
-    ("*bf16", True, True, True, 90, tuple(KERNEL_ARGS)),
-    ("*fp32", False, False, False, 80, tuple(KERNEL_ARGS)),
-    ("*fp16", False, True, True, 90, ("_output_fwd", "_dqk_bwd", "_dv_bwd")),  # the ungated causal tl.dot path
+PACK_ARGS = {"_states_fwd": ("CU", "CHUNK_STARTS"), "_states_bwd": ("CU", "CHUNK_STARTS")}  # others: + CHUNKS
+VARIANTS = [  # dtype, gated, causal, with states, arch, pack, kernels: together every constexpr branch
+    ("*bf16", True, True, True, 90, False, tuple(KERNEL_ARGS)),
+    ("*fp32", False, False, False, 80, False, tuple(KERNEL_ARGS)),
+    ("*fp16", False, True, True, 90, False, ("_output_fwd", "_dqk_bwd", "_dv_bwd")),  # the ungated causal tl.dot path
+    ("*bf16", True, True, True, 90, True, tuple(KERNEL_ARGS)),  # a pack (cu_seqlens)
+    ("*fp16", False, False, False, 80, True, tuple(KERNEL_ARGS)),
 ]
 
 
-def _job(kernel, dtype, gated, causal, with_states, arch):
-    pointers = {}
+def _job(kernel, dtype, gated, causal, with_states, arch, pack):
+    pointers = {name: ("*i32" if pack else None) for name in PACK_ARGS.get(kernel, ("CU", "CHUNK_STARTS", "CHUNKS"))}
     for name in KERNEL_ARGS[kernel]:
         optional = (name == "g" and not gated) or (name in ("h0", "dfinal") and not with_states) \
             or (name in ("chunk_states", "dstates") and kernel in ("_states_fwd", "_states_bwd") and not causal)
         pointers[name] = None if optional else (dtype if name in INPUTS else "*fp32")
     flags = {"HAS_INITIAL": with_states, "HAS_DFINAL": with_states, "STORE_CHUNKS": causal, "CAUSAL": causal}
     tiles = dict(BT=16, BK=32, BV=64) if gated else dict(BT=64, BK=64, BV=64)
-    constexprs = dict(tiles, GATED=gated, PRECISION="ieee" if dtype == "*fp32" else "native",
+    constexprs = dict(tiles, GATED=gated, VARLEN=pack, PRECISION="ieee" if dtype == "*fp32" else "native",
                       **{name: flags[name] for name in SWITCHES[kernel]})
     return dict(kernel=f"attnzoo.kernels.linear:{kernel}", pointers=pointers, floats=["scale"],
                 constexprs=constexprs, arch=arch, num_warps=4)

@@ -9,14 +9,17 @@ from the sequences, never the sequences cut from the pack by attnzoo's code."""
 
 from __future__ import annotations
 
+import collections
 
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from triton.runtime.interpreter import GridExecutor
 
 import attnzoo
+from attnzoo.methods.seerattention import AttnGate
 from attnzoo.reference.dense import attention as reference_attention
 
 BACKENDS = st.sampled_from(["torch", "triton"])
@@ -36,6 +39,13 @@ GRADS = ("q", "k", "v", "g", "bias")
 
 def cu_seqlens(lengths: list[int]) -> torch.Tensor:
     return torch.tensor([0, *torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist()], dtype=torch.int32)
+
+
+def shared_inputs(name: str, hq: int, hk: int, gen) -> dict:
+    """Per-head inputs every sequence of a pack shares (lawcat's causal conv kernels)."""
+    if name == "lawcat":
+        return {"conv_q": torch.randn(hq, D, 3, generator=gen) / 2, "conv_k": torch.randn(hk, D, 3, generator=gen) / 2}
+    return {}
 
 
 def sequence_inputs(name: str, n: int, m: int, hq: int, hk: int, gen) -> dict:
@@ -126,9 +136,11 @@ def test_a_pack_equals_its_sequences_called_alone(name, data, backend, seed):
     hk = data.draw(st.integers(1, 2))
     hq = hk * data.draw(st.integers(1, 2))
     gen = torch.Generator().manual_seed(seed)
-    sequences = [with_grad(sequence_inputs(name, n, m, hq, hk, gen)) for n, m in zip(q_lengths, k_lengths)]
-    packed = with_grad(pack(name, [{k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
-                                   for s in sequences], q_lengths, k_lengths))
+    shared = shared_inputs(name, hq, hk, gen)
+    sequences = [with_grad({**sequence_inputs(name, n, m, hq, hk, gen), **shared})
+                 for n, m in zip(q_lengths, k_lengths)]
+    packed = with_grad({**pack(name, [{k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+                                      for s in sequences], q_lengths, k_lengths), **shared})
     flag = {FLAG[name]: True} if name in FLAG else {}
 
     got = call(name, packed, causal=causal, backend=backend, cu_seqlens_q=cu_seqlens(q_lengths),
@@ -249,3 +261,96 @@ def test_a_batched_pack_and_sparsed_cache_are_refused():
         attnzoo.get("dense")(q, q, q, cu_seqlens_q=cu, cu_seqlens_k=cu)
     with pytest.raises(ValueError, match="cache is not supported in a packed call"):
         attnzoo.get("sparsed")(q[:1], q[:1], q[:1], cache=object(), cu_seqlens_q=cu, cu_seqlens_k=cu)
+
+
+# ---------------------------------------------------------------------------------------------------
+# one launch for the whole pack, and the method variants the property test above does not draw
+
+
+def pack_of(lengths_q: list[int], lengths_k: list[int], hq: int, hk: int, gen):
+    q = torch.randn(1, hq, sum(lengths_q), D, generator=gen, requires_grad=True)
+    k, v = (torch.randn(1, hk, sum(lengths_k), D, generator=gen, requires_grad=True) for _ in range(2))
+    return q, k, v, {"cu_seqlens_q": cu_seqlens(lengths_q), "cu_seqlens_k": cu_seqlens(lengths_k)}
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Every Triton launch under the interpreter, counted by kernel name."""
+    counts = collections.Counter()
+    launch = GridExecutor.__call__
+
+    def counted(self, *args, **kwargs):
+        counts[self.fn.__name__] += 1
+        return launch(self, *args, **kwargs)
+
+    monkeypatch.setattr(GridExecutor, "__call__", counted)
+    return counts
+
+
+@pytest.mark.parametrize("name", attnzoo.list_methods())
+def test_a_pack_runs_in_launches_independent_of_its_sequence_count(name, launches):
+    info = attnzoo.info(name)
+    causal = info.supports.causal
+    gen = torch.Generator().manual_seed(3)
+    counted = {}
+    for q_lengths, k_lengths in (([9, 17], [12, 17]), ([9, 17, 3, 12, 1, 6], [12, 17, 5, 12, 2, 20])):
+        if name in LINEAR:
+            k_lengths = q_lengths
+        sequences = [sequence_inputs(name, n, m, 2, 1, gen) for n, m in zip(q_lengths, k_lengths)]
+        inputs = {key: value for key, value in pack(name, sequences, q_lengths, k_lengths).items()
+                  if key not in ("q", "k", "v")}
+        q, k, v, offsets = pack_of(q_lengths, k_lengths, 2, 1, gen)
+        launches.clear()
+        out = call(name, {"q": q, "k": k, "v": v, **inputs}, causal=causal, backend="triton", **offsets)
+        if info.supports.backward:
+            out.sum().backward()
+        counted[len(q_lengths)] = dict(launches)
+    assert counted[2] == counted[6], counted  # the same kernels, as often, for 2 sequences as for 6
+    assert sum(counted[2].values()) > 0
+
+
+VARIANTS = {  # name -> (parameters, extra inputs built per sequence, causal)
+    "xattention-official": ("xattention", {"block_size": BLOCK, "stride": 4, "selection": "official",
+                                           "chunk_size": 32, "threshold": 0.8}, True),
+    "xattention-official-bidirectional": ("xattention", {"block_size": BLOCK, "stride": 4, "selection": "official",
+                                                         "chunk_size": 32, "threshold": 0.8}, False),
+    "sparsed-generation": ("sparsed", {"block_size": BLOCK, "gen_len": 4}, False),
+    "seerattention-topk": ("seerattention", {"block_size": BLOCK, "topk_ratio": 0.5, "last_blocks_dense": 1}, True),
+    "flashbias-alibi": ("flashbias", {}, True),
+    "flashbias-full-bias": ("flashbias", {"rank": None}, False),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_pack_of_each_variant_equals_its_sequences_called_alone(variant, backend):
+    name, params, causal = VARIANTS[variant]
+    q_lengths, k_lengths = [20, 0, 33, 9], [25, 4, 33, 40]
+    gen = torch.Generator().manual_seed(5)
+    q, k, v, offsets = pack_of(q_lengths, k_lengths, 2, 1, gen)
+    fn = attnzoo.get(name, **params)
+    inputs, pieces = {}, []
+    if variant == "flashbias-alibi":
+        inputs = {"alibi_slopes": torch.rand(2, generator=gen)}
+    if variant == "flashbias-full-bias":  # NaN off the diagonal blocks: no sequence may read another's bias
+        inputs = {"bias": torch.full((1, 2, sum(q_lengths), sum(k_lengths)), float("nan"))}
+        pieces = [torch.randn(1, 2, n, m, generator=gen) for n, m in zip(q_lengths, k_lengths)]
+        for s, piece in enumerate(pieces):
+            inputs["bias"][..., cu_seqlens(q_lengths)[s]:cu_seqlens(q_lengths)[s + 1],
+                           cu_seqlens(k_lengths)[s]:cu_seqlens(k_lengths)[s + 1]] = piece
+    if name == "seerattention":
+        inputs = {"gate": AttnGate(D, 2, 1, block_size=BLOCK, hidden=8)}
+    flag = {} if name == "flashbias" else {"return_block_mask": True}
+    got = fn(q, k, v, causal=causal, backend=backend, **inputs, **offsets, **flag)
+    out, masks = got if flag else (got, None)
+    qa, ka = cu_seqlens(q_lengths).tolist(), cu_seqlens(k_lengths).tolist()
+    for s, (n, m) in enumerate(zip(q_lengths, k_lengths)):
+        if not (n and m):
+            assert torch.equal(out[:, :, qa[s]:qa[s + 1]], torch.zeros(1, 2, n, D))
+            continue
+        own = dict(inputs, bias=pieces[s]) if pieces else inputs
+        alone = fn(q[:, :, qa[s]:qa[s + 1]], k[:, :, ka[s]:ka[s + 1]], v[:, :, ka[s]:ka[s + 1]], causal=causal,
+                   backend=backend, **own, **flag)
+        torch.testing.assert_close(out[:, :, qa[s]:qa[s + 1]], alone[0] if flag else alone, rtol=1e-6, atol=1e-6)
+        if flag:
+            assert torch.equal(masks[s].mask, alone[1].mask), (variant, s)

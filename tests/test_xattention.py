@@ -220,13 +220,17 @@ def test_gradients_equal_the_masked_reference(p, causal, threshold):
 def test_estimator_kernel_compiles_for_sm90():
     """The interpreter accepts code the GPU compiler rejects: compile one real variant (bf16, stride 8
     in dots of 2 positions, head dim 128, causal) for sm_90 in a child process."""
-    meta = {"STRIDE": 8, "T_CHUNK": 2, "GROUPS_Q": 16, "GROUPS_K": 16, "TILE_A": 16, "TILE_B": 16, "BLOCK_D": 128,
-            "CAUSAL": True, "PRECISION": "tf32"}
-    job = {"kernel": "attnzoo.kernels.scoring:_antidiagonal_kernel", "pointers": {"Q": "*bf16", "K": "*bf16",
-           "OUT": "*fp32"}, "floats": ["est_scale_log2"], "constexprs": meta, "arch": 90, "num_warps": 4}
-    result = compile_in_subprocess([job])
+    jobs = []
+    for pack in (False, True):  # a batch, and a pack (its block table and offsets)
+        meta = {"STRIDE": 8, "T_CHUNK": 2, "GROUPS_Q": 16, "GROUPS_K": 16, "TILE_A": 16, "TILE_B": 16, "BLOCK_D": 128,
+                "CAUSAL": True, "VARLEN": pack, "PRECISION": "tf32"}
+        pointers = {"Q": "*bf16", "K": "*bf16", "OUT": "*fp32",
+                    **{name: "*i32" if pack else None for name in ("TILES", "TILE_BASE", "CU_Q", "CU_K")}}
+        jobs.append({"kernel": "attnzoo.kernels.scoring:_antidiagonal_kernel", "pointers": pointers,
+                     "floats": ["est_scale_log2"], "constexprs": meta, "arch": 90, "num_warps": 4})
+    result = compile_in_subprocess(jobs)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.startswith("ok "), result.stdout
+    assert result.stdout.count("ok ") == len(jobs), result.stdout
 
 
 @pytest.mark.parametrize("params, match", [

@@ -164,3 +164,28 @@ def _partner_tiles(first, last, extent, lo_off, hi_off,
     t_full_lo = tl.minimum(tl.maximum((full_lo + TILE - 1) // TILE, t_lo), t_hi)
     t_full_hi = tl.minimum(tl.maximum(full_hi // TILE, t_full_lo), t_hi)
     return t_lo, t_full_lo, t_full_hi, t_hi
+
+
+# ----------------------------------------------------------------------------------------------
+# Packs
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _tile_of(pid, TILES, TILE_BASE, CU_ROWS, CU_COLS, n_rows, n_cols, VARLEN: tl.constexpr, BLOCK: tl.constexpr):
+    """Where program `pid` of a pass works: (its sequence, its tile's first row within the sequence, the
+    sequence's first row and first column in the tensors (64-bit), its rows, its columns). A batch is
+    one n_rows x n_cols sequence per batch entry, tile pid. A pack (VARLEN) reads the tile table the
+    launcher built: TILES (n_tiles, 2) int32, per tile its sequence and first row, the table of
+    BLOCK-row tiles starting at entry TILE_BASE[BLOCK]; CU_ROWS, CU_COLS (S + 1,) int32 the offsets."""
+    if VARLEN:
+        entry = tl.load(TILE_BASE + BLOCK) + pid
+        seq = tl.load(TILES + 2 * entry)
+        start = tl.load(TILES + 2 * entry + 1)
+        first_row = tl.load(CU_ROWS + seq)
+        first_col = tl.load(CU_COLS + seq)
+        rows = tl.load(CU_ROWS + seq + 1) - first_row
+        cols = tl.load(CU_COLS + seq + 1) - first_col
+        first_row, first_col = first_row.to(tl.int64), first_col.to(tl.int64)
+    else:
+        seq, start, first_row, first_col, rows, cols = 0, pid * BLOCK, 0, 0, n_rows, n_cols
+    return seq, start, first_row, first_col, rows, cols

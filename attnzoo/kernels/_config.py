@@ -18,6 +18,7 @@ test notices any element a kernel forgets to write (the test suite sets it).
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -25,7 +26,8 @@ import triton
 from .._env import interpret_tile, poisoning, triton_interpreting
 
 __all__ = ["triton_interpreting", "interpret_tile", "fixed_tile", "new_output", "dot_precision", "next_pow2",
-           "prune_for_sparse", "prune_for_device", "prune_table_entry", "SHARED_LIMIT", "SPILL_BUDGET"]
+           "prune_for_sparse", "prune_for_device", "prune_table_entry", "SHARED_LIMIT", "SPILL_BUDGET", "PackTiles",
+           "pack_tiles"]
 
 # Largest shared memory one block may use (the opt-in limit, bytes), by compute capability. A GPU
 # reports its own (shared_memory_per_block_optin); these are for the static report and for fallback.
@@ -155,3 +157,40 @@ def prune_for_device(kind: str, *, arch: int | None = None, limit: int | None = 
                                      check_spills=check_spills))
         return [c for c in configs if _config_key(c) in kept or _config_key(c) not in known] or configs
     return prune
+
+
+class PackTiles(NamedTuple):
+    """The tile table of one pass over a pack (see _common._tile_of): the kernel arguments TILES, TILE_BASE,
+    CU_ROWS, CU_COLS, and how many tiles of each size there are."""
+
+    table: torch.Tensor  # (n_entries, 2) int32: (sequence, first row) of every tile of every size
+    base: torch.Tensor  # (max size + 1,) int32: base[size] = the entry where the tiles of `size` rows start
+    cu_rows: torch.Tensor  # (S + 1,) int32
+    cu_cols: torch.Tensor
+    counts: dict[int, int]  # size -> number of tiles
+
+    def args(self) -> tuple:
+        return self.table, self.base, self.cu_rows, self.cu_cols
+
+    def programs(self, size: int) -> int:
+        return self.counts[size]
+
+
+def pack_tiles(row_starts: list[int], col_starts: list[int], sizes: list[int], device) -> PackTiles:
+    """The tile table of a pack whose sequences start at `row_starts` (the rows a program tiles) and
+    `col_starts` (the other side), for tiles of each of `sizes` rows: built on the host, one copy."""
+    cu_rows = torch.tensor(row_starts, dtype=torch.int64)
+    lengths = cu_rows[1:] - cu_rows[:-1]
+    entries, base, counts, offset = [], torch.zeros(max(sizes) + 1, dtype=torch.int32), {}, 0
+    for size in sizes:
+        per_sequence = (lengths + size - 1) // size  # tiles of each sequence
+        sequence = torch.repeat_interleave(torch.arange(len(lengths)), per_sequence)
+        first_tile = torch.cumsum(per_sequence, 0) - per_sequence
+        start = (torch.arange(len(sequence)) - first_tile[sequence]) * size
+        entries.append(torch.stack([sequence, start], dim=1))
+        base[size], counts[size] = offset, len(sequence)
+        offset += len(sequence)
+    host = torch.cat([torch.cat(entries).to(torch.int32).flatten(), base,
+                      cu_rows.to(torch.int32), torch.tensor(col_starts, dtype=torch.int32)])
+    table, base, rows, cols = host.to(device).split([2 * offset, len(base), len(row_starts), len(col_starts)])
+    return PackTiles(table, base, rows, cols, counts)

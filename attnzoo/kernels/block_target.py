@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _dot, _head, _load_lse_log2, _load_rows, _scores_log2, _visible
-from ._config import dot_precision, fixed_tile, new_output, next_pow2
+from ._common import _dot, _head, _load_lse_log2, _load_rows, _scores_log2, _tile_of, _visible
+from ._config import dot_precision, fixed_tile, new_output, next_pow2, pack_tiles
 
 
 @triton.jit
@@ -45,23 +45,28 @@ def _block_target_kernel(
     Q, K, LSE, OUT,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_ob, stride_oh, stride_oi,
+    TILES, TILE_BASE, CU_Q, CU_K,  # a pack's query block table and offsets (VARLEN, see _common._tile_of)
     HQ, N, M, D, GROUP, N_KB, scale,
-    CAUSAL: tl.constexpr, BLOCK: tl.constexpr,
+    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # q (B, HQ, N, D), k (B, HQ // GROUP, M, D), lse (B, HQ, N) -> out (B, HQ, cdiv(N, BLOCK), N_KB)
-    pid_qb = tl.program_id(0)
+    # q (B, HQ, N, D), k (B, HQ // GROUP, M, D), lse (B, HQ, N) -> out (B, HQ, cdiv(N, BLOCK), N_KB);
+    # a pack (B = 1) -> out (S, HQ, ., N_KB), sequence s's blocks in row s's top-left corner
     pid_bh = tl.program_id(1)
     b = pid_bh // HQ
     h = pid_bh % HQ
-    Q = _head(Q, b, h, stride_qb, stride_qh)
-    K = _head(K, b, h // GROUP, stride_kb, stride_kh)
-    LSE += pid_bh.to(tl.int64) * N
-    OUT += (pid_bh.to(tl.int64) * tl.cdiv(N, BLOCK) + pid_qb) * N_KB
+    seq, q_first, q0, k0, n_q, n_k = _tile_of(tl.program_id(0), TILES, TILE_BASE, CU_Q, CU_K, N, M, VARLEN, BLOCK)
+    LSE += pid_bh.to(tl.int64) * N + q0
+    N, M = n_q, n_k  # from here on the lengths of this program's sequence
+    Q = _head(Q, b, h, stride_qb, stride_qh) + q0 * stride_qn
+    K = _head(K, b, h // GROUP, stride_kb, stride_kh) + k0 * stride_kn
+    OUT = _head(OUT, b + seq, h, stride_ob, stride_oh) + (q_first // BLOCK) * stride_oi
     offs_d = tl.arange(0, BLOCK_D)
     diag = M - N
-    q_first = pid_qb * BLOCK
 
+    if VARLEN:
+        N_KB = tl.cdiv(M, BLOCK)
     kb_end = N_KB
     if CAUSAL:  # key blocks holding a key visible to the block's last query
         last_key = tl.minimum(tl.minimum(q_first + BLOCK, N) - 1 + diag, M - 1)
@@ -82,16 +87,28 @@ def _block_target_kernel(
 
 
 def block_max_probs(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, scale: float, causal: bool,
-                    block_size: int) -> torch.Tensor:
+                    block_size: int, seqlens=None) -> torch.Tensor:
     """(B, Hq, nQB, nKB) fp32: the largest softmax probability of every (block x block) pair, from the
-    saved lse (B, Hq, N) of softmax(scale q k^T) (causal bottom-right aligned)."""
+    saved lse (B, Hq, N) of softmax(scale q k^T) (causal bottom-right aligned). `seqlens`: None, or a
+    pack's (q_starts, k_starts) (B = 1): (S, Hq, nQB, nKB) over the longest sequences' grid, each
+    sequence's in its top-left corner and 0 past its end, in one launch."""
     B, Hq, N, D = q.shape
     Hk, M = k.shape[1], k.shape[2]
-    n_qb, n_kb = triton.cdiv(N, block_size), triton.cdiv(M, block_size)
-    out = new_output((B, Hq, n_qb, n_kb), torch.float32, q.device)
+    if seqlens is None:
+        n_qb, n_kb = triton.cdiv(N, block_size), triton.cdiv(M, block_size)
+        out, tiles, programs = new_output((B, Hq, n_qb, n_kb), torch.float32, q.device), None, n_qb
+    else:
+        longest = [max(b - a for a, b in zip(x, x[1:])) for x in seqlens]
+        n_qb, n_kb = triton.cdiv(longest[0], block_size), triton.cdiv(longest[1], block_size)
+        out = torch.zeros(len(seqlens[0]) - 1, Hq, n_qb, n_kb, dtype=torch.float32, device=q.device)
+        tiles = pack_tiles(*seqlens, [block_size], q.device)
+        programs = tiles.programs(block_size)
+    if programs == 0:
+        return out
     tile = min(fixed_tile(64), block_size)
-    _block_target_kernel[(n_qb, B * Hq)](
-        q, k, lse.contiguous(), out, *q.stride(), *k.stride(), Hq, N, M, D, Hq // Hk, n_kb, scale,
-        CAUSAL=causal, BLOCK=block_size, BLOCK_M=tile, BLOCK_N=tile, BLOCK_D=next_pow2(D),
+    _block_target_kernel[(programs, B * Hq)](
+        q, k, lse.contiguous(), out, *q.stride(), *k.stride(), *out.stride()[:3],
+        *((None,) * 4 if tiles is None else tiles.args()), Hq, N, M, D, Hq // Hk, n_kb, scale,
+        CAUSAL=causal, VARLEN=tiles is not None, BLOCK=block_size, BLOCK_M=tile, BLOCK_N=tile, BLOCK_D=next_pow2(D),
         PRECISION=dot_precision(q.dtype))
     return out

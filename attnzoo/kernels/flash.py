@@ -44,8 +44,8 @@ import triton
 import triton.language as tl
 
 from ._common import (LN2, LOG2E, _add_rows, _dot, _head, _load_row_stats, _load_rows, _masked_pv, _online_softmax,
-                      _partner_tiles, _scores_log2, _softcap_grad, _store_rows, _visible)
-from ._config import (dot_precision, fixed_tile, interpret_tile, new_output, next_pow2, prune_for_device,
+                      _partner_tiles, _scores_log2, _softcap_grad, _store_rows, _tile_of, _visible)
+from ._config import (dot_precision, fixed_tile, interpret_tile, new_output, next_pow2, pack_tiles, prune_for_device,
                       triton_interpreting)
 
 
@@ -146,43 +146,48 @@ def _flash_fwd_kernel(
     COUNT_FULL, INDEX_FULL, COUNT_PART, INDEX_PART,  # sparse index (unused when SPARSE_Q == 0)
     stride_cb, stride_ch, stride_cr, stride_ib, stride_ih, stride_ir,
     BIAS, DBIAS, stride_zb, stride_zh, stride_zn, stride_zm,  # additive bias (B|1, HQ|1, N|1, M|1) (HAS_BIAS)
+    TILES, TILE_BASE, CU_Q, CU_K,  # a pack's query tile table and offsets (VARLEN, see _tile_of)
     HQ, N, M, D, DV, GROUP, scale, softcap, window_left, window_right, TUNE_N, TUNE_M,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BIAS_GRAD: tl.constexpr,
+    BIAS_GRAD: tl.constexpr, VARLEN: tl.constexpr,
     SPARSE_Q: tl.constexpr, SPARSE_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):
     # q (B, HQ, N, D), k (B, HQ // GROUP, M, D), v (B, HQ // GROUP, M, DV) -> o (B, HQ, N, DV), lse (B, HQ, N)
+    # (a pack: B = 1, N and M the packed lengths, sequence s its rows CU_Q[s]:CU_Q[s + 1] and keys by CU_K)
     # TMA (Hopper): q, k, v tiles come through device-side tensor descriptors of their (b, h) head
     # (unit last stride, 16-byte aligned rows; the launcher checks), pipelined by the copy engine.
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HQ
     h = pid_bh % HQ
-    K = _head(K, b, h // GROUP, stride_kb, stride_kh)
-    V = _head(V, b, h // GROUP, stride_vb, stride_vh)
+    seq, start_m, q0, k0, n_q, n_k = _tile_of(pid_m, TILES, TILE_BASE, CU_Q, CU_K, N, M, VARLEN, BLOCK_M)
+    LSE += pid_bh.to(tl.int64) * N + q0
+    N, M = n_q, n_k  # from here on the lengths of this program's sequence
+    Q = _head(Q, b, h, stride_qb, stride_qh) + q0 * stride_qn
+    O = _head(O, b, h, stride_ob, stride_oh) + q0 * stride_on
+    K = _head(K, b, h // GROUP, stride_kb, stride_kh) + k0 * stride_kn
+    V = _head(V, b, h // GROUP, stride_vb, stride_vh) + k0 * stride_vn
     if HAS_BIAS:
-        BIAS = _head(BIAS, b, h, stride_zb, stride_zh)
-    start_m = pid_m * BLOCK_M
+        BIAS = _head(BIAS, b, h, stride_zb, stride_zh) + q0 * stride_zn + k0 * stride_zm
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     if TMA:
         K = tl.make_tensor_descriptor(K, shape=[M, D], strides=[stride_kn, 1], block_shape=[BLOCK_N, BLOCK_D])
         V = tl.make_tensor_descriptor(V, shape=[M, DV], strides=[stride_vn, 1], block_shape=[BLOCK_N, BLOCK_DV])
-        q_desc = tl.make_tensor_descriptor(_head(Q, b, h, stride_qb, stride_qh), shape=[N, D], strides=[stride_qn, 1],
-                                           block_shape=[BLOCK_M, BLOCK_D])
+        q_desc = tl.make_tensor_descriptor(Q, shape=[N, D], strides=[stride_qn, 1], block_shape=[BLOCK_M, BLOCK_D])
         q = q_desc.load([start_m, 0])
     else:
-        q = _load_rows(_head(Q, b, h, stride_qb, stride_qh), offs_m, stride_qn, N, offs_d, stride_qd, D)
+        q = _load_rows(Q, offs_m, stride_qn, N, offs_d, stride_qd, D)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
     row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     row_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     diag = M - N
 
     if SPARSE_Q > 0:  # the listed key blocks: full ones unmasked, then partial ones masked
-        count, lists = _index_row(b, h, start_m // SPARSE_Q, stride_cb, stride_ch, stride_cr,
+        count, lists = _index_row(b + seq, h, start_m // SPARSE_Q, stride_cb, stride_ch, stride_cr,
                                   stride_ib, stride_ih, stride_ir)
         acc, row_sum, row_max = _fwd_listed(
             acc, row_sum, row_max, COUNT_FULL + count, INDEX_FULL + lists, False,
@@ -219,8 +224,8 @@ def _flash_fwd_kernel(
     empty = row_sum == 0.0  # rows that saw no key: o = 0, lse = -inf
     out = acc / tl.where(empty, 1.0, row_sum)[:, None]
     lse = tl.where(empty, float("-inf"), (row_max + tl.log2(tl.where(empty, 1.0, row_sum))) * LN2)
-    _store_rows(_head(O, b, h, stride_ob, stride_oh), out, offs_m, stride_on, N, offs_dv, stride_od, DV)
-    tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, lse, mask=offs_m < N)
+    _store_rows(O, out, offs_m, stride_on, N, offs_dv, stride_od, DV)
+    tl.store(LSE + offs_m, lse, mask=offs_m < N)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,9 +327,10 @@ def _flash_dq_kernel(
     COUNT_FULL, INDEX_FULL, COUNT_PART, INDEX_PART,
     stride_cb, stride_ch, stride_cr, stride_ib, stride_ih, stride_ir,
     BIAS, DBIAS, stride_zb, stride_zh, stride_zn, stride_zm,  # bias and its fp32 gradient (BIAS_GRAD), same strides
+    TILES, TILE_BASE, CU_Q, CU_K,  # a pack's query tile table and offsets (VARLEN, see _tile_of)
     HQ, N, M, D, DV, GROUP, scale, softcap, window_left, window_right, TUNE_N, TUNE_M,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BIAS_GRAD: tl.constexpr,
+    BIAS_GRAD: tl.constexpr, VARLEN: tl.constexpr,
     SPARSE_Q: tl.constexpr, SPARSE_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -334,24 +340,28 @@ def _flash_dq_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // HQ
     h = pid_bh % HQ
-    K = _head(K, b, h // GROUP, stride_kb, stride_kh)
-    V = _head(V, b, h // GROUP, stride_vb, stride_vh)
+    seq, start_m, q0, k0, n_q, n_k = _tile_of(pid_m, TILES, TILE_BASE, CU_Q, CU_K, N, M, VARLEN, BLOCK_M)
+    LSE += pid_bh.to(tl.int64) * N + q0
+    DELTA += pid_bh.to(tl.int64) * N + q0
+    N, M = n_q, n_k  # from here on the lengths of this program's sequence
+    K = _head(K, b, h // GROUP, stride_kb, stride_kh) + k0 * stride_kn
+    V = _head(V, b, h // GROUP, stride_vb, stride_vh) + k0 * stride_vn
     if HAS_BIAS:
-        BIAS = _head(BIAS, b, h, stride_zb, stride_zh)
+        BIAS = _head(BIAS, b, h, stride_zb, stride_zh) + q0 * stride_zn + k0 * stride_zm
     if BIAS_GRAD:
-        DBIAS = _head(DBIAS, b, h, stride_zb, stride_zh)
-    start_m = pid_m * BLOCK_M
+        DBIAS = _head(DBIAS, b, h, stride_zb, stride_zh) + q0 * stride_zn + k0 * stride_zm
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = _load_rows(_head(Q, b, h, stride_qb, stride_qh), offs_m, stride_qn, N, offs_d, stride_qd, D)
-    do = _load_rows(_head(DO, b, h, stride_dob, stride_doh), offs_m, stride_don, N, offs_dv, stride_dod, DV)
-    lse2, delta = _load_row_stats(LSE + pid_bh.to(tl.int64) * N, DELTA + pid_bh.to(tl.int64) * N, offs_m, N)
+    q = _load_rows(_head(Q, b, h, stride_qb, stride_qh) + q0 * stride_qn, offs_m, stride_qn, N, offs_d, stride_qd, D)
+    do = _load_rows(_head(DO, b, h, stride_dob, stride_doh) + q0 * stride_don, offs_m, stride_don, N, offs_dv,
+                    stride_dod, DV)
+    lse2, delta = _load_row_stats(LSE, DELTA, offs_m, N)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     diag = M - N
 
     if SPARSE_Q > 0:  # the listed key blocks: full ones unmasked, then partial ones masked
-        count, lists = _index_row(b, h, start_m // SPARSE_Q, stride_cb, stride_ch, stride_cr,
+        count, lists = _index_row(b + seq, h, start_m // SPARSE_Q, stride_cb, stride_ch, stride_cr,
                                   stride_ib, stride_ih, stride_ir)
         dq = _dq_listed(
             dq, COUNT_FULL + count, INDEX_FULL + lists, False,
@@ -385,7 +395,8 @@ def _flash_dq_kernel(
             diag, window_left, window_right, scale, softcap, BIAS, DBIAS, stride_zn, stride_zm, N, HAS_LEFT,
             HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS, BIAS_GRAD, BLOCK_N, PRECISION)
 
-    _store_rows(_head(DQ, b, h, stride_dqb, stride_dqh), dq * scale, offs_m, stride_dqn, N, offs_d, stride_dqd, D)
+    _store_rows(_head(DQ, b, h, stride_dqb, stride_dqh) + q0 * stride_dqn, dq * scale, offs_m, stride_dqn, N, offs_d,
+                stride_dqd, D)
 
 
 @triton.jit
@@ -469,9 +480,10 @@ def _flash_dkdv_kernel(
     COUNT_FULL, INDEX_FULL, COUNT_PART, INDEX_PART,  # transposed sparse index: per key block, query blocks
     stride_cb, stride_ch, stride_cr, stride_ib, stride_ih, stride_ir,
     BIAS, DBIAS, stride_zb, stride_zh, stride_zn, stride_zm,  # bias (DBIAS unused: dQ's pass writes it)
+    TILES, TILE_BASE, CU_Q, CU_K,  # a pack's key tile table and offsets (VARLEN, see _tile_of)
     HQ, HK, N, M, D, DV, GROUP, scale, softcap, window_left, window_right, TUNE_N, TUNE_M,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BIAS_GRAD: tl.constexpr,
+    BIAS_GRAD: tl.constexpr, VARLEN: tl.constexpr,
     SPARSE_Q: tl.constexpr, SPARSE_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -481,27 +493,30 @@ def _flash_dkdv_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // HK
     kvh = pid_bh % HK
-    start_n = pid_n * BLOCK_N
+    seq, start_n, k0, q0, n_k, n_q = _tile_of(pid_n, TILES, TILE_BASE, CU_K, CU_Q, M, N, VARLEN, BLOCK_N)
+    stats_stride = N  # lse, delta (B, HQ, N): rows of the whole pack
+    N, M = n_q, n_k  # from here on the lengths of this program's sequence
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = _load_rows(_head(K, b, kvh, stride_kb, stride_kh), offs_n, stride_kn, M, offs_d, stride_kd, D)
-    v = _load_rows(_head(V, b, kvh, stride_vb, stride_vh), offs_n, stride_vn, M, offs_dv, stride_vd, DV)
+    k = _load_rows(_head(K, b, kvh, stride_kb, stride_kh) + k0 * stride_kn, offs_n, stride_kn, M, offs_d, stride_kd, D)
+    v = _load_rows(_head(V, b, kvh, stride_vb, stride_vh) + k0 * stride_vn, offs_n, stride_vn, M, offs_dv, stride_vd,
+                   DV)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
     diag = M - N
 
     for g in range(GROUP):  # the query heads that share this kv head
         h = kvh * GROUP + g
-        Qh = _head(Q, b, h, stride_qb, stride_qh)
-        DOh = _head(DO, b, h, stride_dob, stride_doh)
-        LSEh = LSE + (b * HQ + h).to(tl.int64) * N
-        DELTAh = DELTA + (b * HQ + h).to(tl.int64) * N
+        Qh = _head(Q, b, h, stride_qb, stride_qh) + q0 * stride_qn
+        DOh = _head(DO, b, h, stride_dob, stride_doh) + q0 * stride_don
+        LSEh = LSE + (b * HQ + h).to(tl.int64) * stats_stride + q0
+        DELTAh = DELTA + (b * HQ + h).to(tl.int64) * stats_stride + q0
         BIASh = BIAS
         if HAS_BIAS:
-            BIASh = _head(BIAS, b, h, stride_zb, stride_zh)
+            BIASh = _head(BIAS, b, h, stride_zb, stride_zh) + q0 * stride_zn + k0 * stride_zm
         if SPARSE_Q > 0:  # the listed query blocks: full ones unmasked, then partial ones masked
-            count, lists = _index_row(b, h, start_n // SPARSE_K, stride_cb, stride_ch, stride_cr,
+            count, lists = _index_row(b + seq, h, start_n // SPARSE_K, stride_cb, stride_ch, stride_cr,
                                       stride_ib, stride_ih, stride_ir)
             dk, dv = _dkdv_listed(
                 dk, dv, COUNT_FULL + count, INDEX_FULL + lists, False,
@@ -538,8 +553,10 @@ def _flash_dkdv_kernel(
                 HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_BIAS, BIAS_GRAD,
                 BLOCK_M, PRECISION)
 
-    _store_rows(_head(DK, b, kvh, stride_dkb, stride_dkh), dk * scale, offs_n, stride_dkn, M, offs_d, stride_dkd, D)
-    _store_rows(_head(DV_OUT, b, kvh, stride_dvb, stride_dvh), dv, offs_n, stride_dvn, M, offs_dv, stride_dvd, DV)
+    _store_rows(_head(DK, b, kvh, stride_dkb, stride_dkh) + k0 * stride_dkn, dk * scale, offs_n, stride_dkn, M, offs_d,
+                stride_dkd, D)
+    _store_rows(_head(DV_OUT, b, kvh, stride_dvb, stride_dvh) + k0 * stride_dvn, dv, offs_n, stride_dvn, M, offs_dv,
+                stride_dvd, DV)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -547,8 +564,7 @@ def _flash_dkdv_kernel(
 # ----------------------------------------------------------------------------------------------
 
 _TUNE_KEY = ["TUNE_N", "TUNE_M", "BLOCK_D", "BLOCK_DV", "HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "HAS_BIAS",
-"BIAS_GRAD",
-             "SPARSE_Q", "SPARSE_K", "TMA"]
+             "BIAS_GRAD", "VARLEN", "SPARSE_Q", "SPARSE_K", "TMA"]
 
 
 def _autotuned(kernel, kind, shapes):
@@ -575,15 +591,37 @@ TMA_CONFIGS = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
 c.num_stages) for c in _flash_fwd_tuned.configs]
 
 
-def _launch(plain, tuned, grid_rows, grid_cols, args, meta, tile_axis: str):
+def _interpreted_tile(meta) -> int:
+    """The one tile of every pass under the interpreter (see _config.py); it must divide the sparse blocks."""
+    blocks = [meta.get(name, 0) for name in ("SPARSE_Q", "SPARSE_K")]
+    return min([interpret_tile()] + [b for b in blocks if b])
+
+
+def _launch(plain, tuned, programs, grid_cols, args, meta, tile_axis: str):
     """Autotuned launch on CUDA; under the interpreter one fixed small tile (see _config.py).
-    `tile_axis` names the tile ("BLOCK_M" or "BLOCK_N") that splits `grid_rows` over programs."""
+    `tile_axis` names the tile ("BLOCK_M" or "BLOCK_N") of a program; `programs(tile)` is how many
+    programs cover the rows with tiles of that size."""
+    if programs(min(_tile_sizes(tuned, tile_axis, meta))) == 0:  # no rows (a pack of empty sequences)
+        return
     if triton_interpreting():
-        blocks = [meta.get(name, 0) for name in ("SPARSE_Q", "SPARSE_K")]
-        tile = min([interpret_tile()] + [b for b in blocks if b])  # tiles must divide the sparse blocks
-        plain[(triton.cdiv(grid_rows, tile), grid_cols)](*args, **meta, BLOCK_M=tile, BLOCK_N=tile)
+        tile = _interpreted_tile(meta)
+        plain[(programs(tile), grid_cols)](*args, **meta, BLOCK_M=tile, BLOCK_N=tile)
     else:
-        tuned[lambda cfg: (triton.cdiv(grid_rows, cfg[tile_axis]), grid_cols)](*args, **meta)
+        tuned[lambda cfg: (programs(cfg[tile_axis]), grid_cols)](*args, **meta)
+
+
+def _tile_sizes(tuned, axis: str, meta) -> list[int]:
+    """The tile sizes a pass may run with: its configs' (CUDA), or the interpreter's one."""
+    if triton_interpreting():
+        return [_interpreted_tile(meta)]
+    return sorted({cfg.kwargs[axis] for cfg in tuned.configs})
+
+
+def _dense_programs(rows: int):
+    return lambda tile: triton.cdiv(rows, tile)
+
+
+_NO_PACK = (None, None, None, None)
 
 
 def _index_args(index, transposed: bool) -> tuple:
@@ -607,10 +645,11 @@ def _bias_args(bias, dbias=None) -> tuple:
     return (bias, dbias, *(st if n > 1 else 0 for st, n in zip(bias.stride(), bias.shape)))
 
 
-def _common_meta(q, k, v, window, softcap, index, bias=None):
+def _common_meta(q, k, v, window, softcap, index, bias=None, seqlens=None):
     left, right = window
     return dict(
         HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, HAS_SOFTCAP=softcap > 0, HAS_BIAS=bias is not None, BIAS_GRAD=False,
+        VARLEN=seqlens is not None,
         SPARSE_Q=0 if index is None else index.block_q, SPARSE_K=0 if index is None else index.block_k,
         BLOCK_D=next_pow2(q.shape[-1]), BLOCK_DV=next_pow2(v.shape[-1]), PRECISION=dot_precision(q.dtype),
     )
@@ -647,30 +686,37 @@ def use_tma(q, k, v) -> bool:
     return not triton_interpreting() and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9
 
 
-def flash_fwd(q, k, v, *, scale: float, window=(-1, -1), softcap: float = 0.0, index=None, bias=None):
+def flash_fwd(q, k, v, *, scale: float, window=(-1, -1), softcap: float = 0.0, index=None, bias=None,
+              seqlens=None):
     """o (B, Hq, N, Dv) in q's dtype and lse (B, Hq, N) fp32. `index`: a SparseIndex or None (dense);
-    `bias`: an additive bias (B|1, Hq|1, N|1, M|1), contiguous, or None."""
+    `bias`: an additive bias (B|1, Hq|1, N|1, M|1), contiguous, or None. `seqlens`: None, or a pack's
+    (q_starts, k_starts) (B = 1, S + 1 offsets each, python ints; the index has one row per
+    sequence): one launch for every sequence, each query tile mapped to its sequence by a tile table."""
     B, Hq, N, D = q.shape
     Hk, M, Dv = k.shape[1], k.shape[2], v.shape[-1]
     o = new_output((B, Hq, N, Dv), q.dtype, q.device)
     lse = new_output((B, Hq, N), torch.float32, q.device)
-    args = (q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(), *_index_args(index, False),
-            *_bias_args(bias), Hq, N, M, D, Dv, Hq // Hk, scale, softcap, window[0], window[1], _tune_bucket(N),
-            _tune_bucket(M))
     tma = use_tma(q, k, v)
+    meta = dict(_common_meta(q, k, v, window, softcap, index, bias, seqlens), TMA=tma)
+    tiles = None if seqlens is None else pack_tiles(*seqlens, _tile_sizes(_flash_fwd_tuned, "BLOCK_M", meta),
+                                                     q.device)
+    args = (q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(), *_index_args(index, False),
+            *_bias_args(bias), *(_NO_PACK if tiles is None else tiles.args()), Hq, N, M, D, Dv, Hq // Hk, scale,
+            softcap, window[0], window[1], _tune_bucket(N), _tune_bucket(M))
     if tma and q.is_cuda and isinstance(triton.runtime._allocation._allocator.get(),
                                         triton.runtime._allocation.NullAllocator):
         triton.set_allocator(_tma_allocator)  # device-side descriptors need a little global scratch
-    _launch(_flash_fwd_kernel, _flash_fwd_tuned, N, B * Hq, args,
-            dict(_common_meta(q, k, v, window, softcap, index, bias), TMA=tma), "BLOCK_M")
+    _launch(_flash_fwd_kernel, _flash_fwd_tuned, _dense_programs(N) if tiles is None else tiles.programs, B * Hq,
+            args, meta, "BLOCK_M")
     return o, lse
 
 
 def flash_bwd(do, q, k, v, o, lse, *, scale: float, window=(-1, -1), softcap: float = 0.0, index=None,
-              dlse=None, bias=None, bias_grad: bool = False):
+              dlse=None, bias=None, bias_grad: bool = False, seqlens=None):
     """Gradients (dq, dk, dv, dbias) given do (and optionally dlse, the gradient of the returned lse),
     recomputing probabilities from the saved lse. d lse / d s = p, so dlse enters as delta - dlse.
-    With `bias_grad`, dbias (fp32, the bias's shape) is summed by the dQ pass; else None."""
+    With `bias_grad`, dbias (fp32, the bias's shape) is summed by the dQ pass; else None. `seqlens` as
+    flash_fwd's: the dQ pass tiles each sequence's queries, the dK/dV pass its keys."""
     B, Hq, N, D = q.shape
     Hk, M, Dv = k.shape[1], k.shape[2], v.shape[-1]
     delta = new_output((B, Hq, N), torch.float32, q.device)
@@ -684,16 +730,23 @@ def flash_bwd(do, q, k, v, o, lse, *, scale: float, window=(-1, -1), softcap: fl
     dk = new_output(k.shape, k.dtype, k.device)
     dv = new_output(v.shape, v.dtype, v.device)
     dbias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if bias_grad else None
-    meta = _common_meta(q, k, v, window, softcap, index, bias)
+    meta = _common_meta(q, k, v, window, softcap, index, bias, seqlens)
     shared = (scale, softcap, window[0], window[1], _tune_bucket(N), _tune_bucket(M))
+    q_programs, k_programs, q_pack, k_pack = _dense_programs(N), _dense_programs(M), _NO_PACK, _NO_PACK
+    if seqlens is not None:
+        q_tiles = pack_tiles(*seqlens, _tile_sizes(_flash_dq_tuned, "BLOCK_M", meta), q.device)
+        k_tiles = pack_tiles(seqlens[1], seqlens[0], _tile_sizes(_flash_dkdv_tuned, "BLOCK_N", meta), q.device)
+        q_programs, k_programs = q_tiles.programs, k_tiles.programs
+        q_pack = q_tiles.args()
+        k_pack = (k_tiles.table, k_tiles.base, k_tiles.cu_cols, k_tiles.cu_rows)  # the kernel takes CU_Q, CU_K
 
-    _launch(_flash_dq_kernel, _flash_dq_tuned, N, B * Hq,
+    _launch(_flash_dq_kernel, _flash_dq_tuned, q_programs, B * Hq,
             (q, k, v, do, dq, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-             *_index_args(index, False), *_bias_args(bias, dbias), Hq, N, M, D, Dv, Hq // Hk, *shared),
+             *_index_args(index, False), *_bias_args(bias, dbias), *q_pack, Hq, N, M, D, Dv, Hq // Hk, *shared),
             dict(meta, BIAS_GRAD=bias_grad), "BLOCK_M")
-    _launch(_flash_dkdv_kernel, _flash_dkdv_tuned, M, B * Hk,
+    _launch(_flash_dkdv_kernel, _flash_dkdv_tuned, k_programs, B * Hk,
             (q, k, v, do, dk, dv, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
-             *dk.stride(), *dv.stride(), *_index_args(index, True), *_bias_args(bias), Hq, Hk, N, M, D, Dv,
-             Hq // Hk, *shared),
+             *dk.stride(), *dv.stride(), *_index_args(index, True), *_bias_args(bias), *k_pack, Hq, Hk, N, M, D,
+             Dv, Hq // Hk, *shared),
             meta, "BLOCK_N")
     return dq, dk, dv, dbias

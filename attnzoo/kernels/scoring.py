@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, _dot, _head, _online_softmax
-from ._config import dot_precision, new_output, next_pow2, triton_interpreting
+from ._common import LOG2E, _dot, _head, _online_softmax, _tile_of
+from ._config import dot_precision, new_output, next_pow2, pack_tiles, triton_interpreting
 
 
 @triton.jit
@@ -72,18 +72,24 @@ def _antidiagonal_kernel(
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_ob, stride_oh, stride_oi, stride_oj,
+    TILES, TILE_BASE, CU_Q, CU_K,  # a pack's query block table and offsets (VARLEN, see _common._tile_of)
     H, N, M, D, GROUP, n_kb, est_scale_log2,
     STRIDE: tl.constexpr, T_CHUNK: tl.constexpr, GROUPS_Q: tl.constexpr, GROUPS_K: tl.constexpr,
     TILE_A: tl.constexpr, TILE_B: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # q (B, H, N, D), k (B, H // GROUP, M, D) -> out (B, H, cdiv(N, GROUPS_Q * STRIDE), n_kb)
-    q_block = tl.program_id(0)
+    # q (B, H, N, D), k (B, H // GROUP, M, D) -> out (B, H, cdiv(N, GROUPS_Q * STRIDE), n_kb); a pack
+    # (B = 1) -> out (S, H, ...): sequence s's blocks of its own N_s x M_s in row s's top-left corner
     bh = tl.program_id(1)
     batch, head = bh // H, bh % H
-    Q = _head(Q, batch, head, stride_qb, stride_qh)
-    K = _head(K, batch, head // GROUP, stride_kb, stride_kh)
-    OUT = _head(OUT, batch, head, stride_ob, stride_oh) + q_block.to(tl.int64) * stride_oi
+    seq, first_query, q0, k0, N, M = _tile_of(tl.program_id(0), TILES, TILE_BASE, CU_Q, CU_K, N, M, VARLEN,
+                                              GROUPS_Q * STRIDE)
+    q_block = first_query // (GROUPS_Q * STRIDE)
+    if VARLEN:
+        n_kb = tl.cdiv(M, GROUPS_K * STRIDE)
+    Q = _head(Q, batch, head, stride_qb, stride_qh) + q0 * stride_qn
+    K = _head(K, batch, head // GROUP, stride_kb, stride_kh) + k0 * stride_kn
+    OUT = _head(OUT, batch + seq, head, stride_ob, stride_oh) + q_block.to(tl.int64) * stride_oi
 
     lane_a = tl.arange(0, TILE_A)
     q_groups = q_block * GROUPS_Q + lane_a  # (TILE_A,)
@@ -128,22 +134,33 @@ def stride_chunk(stride: int, block_d: int) -> int:
 
 
 def antidiagonal_block_scores(q: torch.Tensor, k: torch.Tensor, *, stride: int, block_q: int, block_k: int,
-                              scale: float, causal: bool, t_chunk: int | None = None) -> torch.Tensor:
+                              scale: float, causal: bool, t_chunk: int | None = None, seqlens=None) -> torch.Tensor:
     """q (B, Hq, N, D), k (B, Hk, M, D) -> block scores (B, Hq, nQB, nKB) fp32.
 
     `stride` must divide `block_q` and `block_k` (powers of two). Every real query group row sums to 1
     over key groups, so a full query block's scores sum to block_q / stride. `t_chunk` (a power of two
-    dividing `stride`) overrides how many stride positions one dot covers (`stride_chunk`)."""
+    dividing `stride`) overrides how many stride positions one dot covers (`stride_chunk`). `seqlens`:
+    None, or a pack's (q_starts, k_starts) (B = 1): scores (S, Hq, nQB, nKB) over the longest sequences'
+    grid, each sequence's in its top-left corner and 0 past its end, in one launch."""
     B, Hq, N, D = q.shape
     Hk, M = k.shape[1], k.shape[2]
-    n_qb, n_kb = triton.cdiv(N, block_q), triton.cdiv(M, block_k)
-    out = new_output((B, Hq, n_qb, n_kb), torch.float32, q.device)
+    if seqlens is None:
+        n_qb, n_kb = triton.cdiv(N, block_q), triton.cdiv(M, block_k)
+        out, tiles, programs = new_output((B, Hq, n_qb, n_kb), torch.float32, q.device), None, n_qb
+    else:
+        (q_starts, k_starts), longest = seqlens, [max(b - a for a, b in zip(x, x[1:])) for x in seqlens]
+        n_qb, n_kb = triton.cdiv(longest[0], block_q), triton.cdiv(longest[1], block_k)
+        out = torch.zeros(len(q_starts) - 1, Hq, n_qb, n_kb, dtype=torch.float32, device=q.device)
+        tiles = pack_tiles(q_starts, k_starts, [block_q], q.device)
+        programs = tiles.programs(block_q)
+    if programs == 0:
+        return out
     groups_q, groups_k = block_q // stride, block_k // stride
-    _antidiagonal_kernel[(n_qb, B * Hq)](
-        q, k, out, *q.stride(), *k.stride(), *out.stride(),
+    _antidiagonal_kernel[(programs, B * Hq)](
+        q, k, out, *q.stride(), *k.stride(), *out.stride(), *((None,) * 4 if tiles is None else tiles.args()),
         Hq, N, M, D, Hq // Hk, n_kb, scale / stride * LOG2E.value,
         STRIDE=stride, T_CHUNK=t_chunk or stride_chunk(stride, next_pow2(D)), GROUPS_Q=groups_q, GROUPS_K=groups_k,
         TILE_A=max(16, groups_q), TILE_B=max(16, groups_k), BLOCK_D=next_pow2(D),
-        CAUSAL=causal, PRECISION=dot_precision(q.dtype),
+        CAUSAL=causal, VARLEN=tiles is not None, PRECISION=dot_precision(q.dtype),
     )
     return out

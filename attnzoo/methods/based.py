@@ -49,14 +49,14 @@ def _check_lengths(q, k) -> None:
 
 
 def based(q, k, v, *, causal: bool, scale: float, backend: str, use_norm: bool = True, eps: float = 1e-6,
-          chunk_size=None):
+          chunk_size=None, pack=None):
     """q, k (B, H, N, D) (D small, e.g. 16), v (B, H, N, Dv) -> o (B, H, N, Dv). `use_norm=False`
-    returns the numerator only."""
+    returns the numerator only. `pack`: the sequences of a packed call (the features are per token)."""
     _check_lengths(q, k)
     use_norm, eps = check_bool("use_norm", use_norm), check_positive("eps", eps)
     phi_q, phi_k = _features(q, k, scale)
     return _linear.linear_attention(phi_q, phi_k, v, scale=1.0, causal=causal, backend=backend, normalize=use_norm,
-                                    eps=eps, chunk_size=chunk_size)
+                                    eps=eps, chunk_size=chunk_size, pack=pack)
 
 
 def step(q_t, k_t, v_t, state=None, *, scale: float | None = None, use_norm: bool = True, eps: float = 1e-6):

@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 
 from ..ops.flash import flash_attention, max_head_dim
-from ..validation import check_int, check_optional, check_tensor
+from ..validation import check_finite, check_int, check_optional, check_tensor
 
 DEFAULT_ENERGY = 0.999
 _DIGIT_BITS = 8  # base-256 digits: integers below 256 are exact in every float dtype (bfloat16 has 8 bits)
@@ -48,15 +48,17 @@ class LowRankBias(NamedTuple):
 
 
 def flashbias(q, k, v, *, causal: bool, scale: float, backend: str, rank=None, bias_factors=None, bias=None,
-              alibi_slopes=None):
+              alibi_slopes=None, pack=None):
     """softmax(scale q k^T + bias) v with the bias given as `bias_factors=(U, W)`, `alibi_slopes` or a full
-    `bias` factored to `rank`. q (B, Hq, N, D), k (B, Hk, M, D), v (B, Hk, M, Dv) -> (B, Hq, N, Dv)."""
+    `bias` factored to `rank`. q (B, Hq, N, D), k (B, Hk, M, D), v (B, Hk, M, Dv) -> (B, Hq, N, Dv).
+    `pack`: the sequences of a packed call: factors per token, ALiBi at each sequence's own positions, a
+    full bias factored per sequence (its diagonal blocks), then one attention launch."""
     u, w = bias_to_factors(q, k, causal=causal, rank=rank, bias_factors=bias_factors, bias=bias,
-                           alibi_slopes=alibi_slopes)
-    return biased_attention(q, k, v, u, w, scale=scale, causal=causal, backend=backend)
+                           alibi_slopes=alibi_slopes, pack=pack)
+    return biased_attention(q, k, v, u, w, scale=scale, causal=causal, backend=backend, pack=pack)
 
 
-def biased_attention(q, k, v, u, w, *, scale: float, causal: bool, backend: str):
+def biased_attention(q, k, v, u, w, *, scale: float, causal: bool, backend: str, pack=None):
     """The flash kernel on [q * scale, U] and [k, W] with scale 1. Inputs validated by the caller."""
     B, Hq, N, D = q.shape
     Hk, M = k.shape[1], k.shape[2]
@@ -70,12 +72,13 @@ def biased_attention(q, k, v, u, w, *, scale: float, causal: bool, backend: str)
         Hk = Hq
     q_cat = torch.cat([q * scale, u.to(q.dtype).expand(B, Hq, N, rank)], dim=-1)  # (B, Hq, N, D + R)
     k_cat = torch.cat([k, w.to(k.dtype).expand(B, Hk, M, rank)], dim=-1)  # (B, Hk, M, D + R)
-    out, _ = flash_attention(q_cat, k_cat, v, scale=1.0, causal=causal, backend=backend)
+    out, _ = flash_attention(q_cat, k_cat, v, scale=1.0, causal=causal, backend=backend, pack=pack)
     return out
 
 
-def bias_to_factors(q, k, *, causal: bool, rank=None, bias_factors=None, bias=None, alibi_slopes=None):
-    """Validate the one bias form given and return its factors U (B|1, Hq|1, N, R), W (B|1, H|1, M, R)."""
+def bias_to_factors(q, k, *, causal: bool, rank=None, bias_factors=None, bias=None, alibi_slopes=None, pack=None):
+    """Validate the one bias form given and return its factors U (B|1, Hq|1, N, R), W (B|1, H|1, M, R)
+    (for a pack, over its tokens)."""
     given = [name for name, x in (("bias_factors", bias_factors), ("bias", bias), ("alibi_slopes", alibi_slopes))
              if x is not None]
     if len(given) != 1:
@@ -83,20 +86,42 @@ def bias_to_factors(q, k, *, causal: bool, rank=None, bias_factors=None, bias=No
                          f"got {', '.join(given) or 'none'}")
     B, Hq, N, _ = q.shape
     Hk, M = k.shape[1], k.shape[2]
-    rank = check_optional(check_int, "rank", rank, low=1, high=min(N, M))
+    largest_rank = min(N, M) if pack is None else min(min(n, m) for n, m in zip(pack.q_lengths, pack.k_lengths)
+                                                       if n and m)
+    rank = check_optional(check_int, "rank", rank, low=1, high=largest_rank)
     if rank is not None and bias is None:
         raise ValueError(f"rank={rank!r} sets the SVD rank of a full `bias`; it does not apply to {given[0]}")
     if bias_factors is not None:
         return _check_factors(bias_factors, q, B, Hq, Hk, N, M)
     if alibi_slopes is not None:
         _check_alibi(alibi_slopes, q, Hq, causal)
-        return alibi_factors(alibi_slopes, N, M)
-    check_tensor("bias", bias, shape=((1, B), (1, Hq), N, M), like=q, dtype=_FLOATS, finite=True)
+        return alibi_factors(alibi_slopes, N, M, key_lengths=None if pack is None else pack.k_lengths)
+    check_tensor("bias", bias, shape=((1, B), (1, Hq), N, M), like=q, dtype=_FLOATS, finite=pack is None)
+    if pack is not None:
+        return _packed_svd_factors(bias, rank, pack)
     low_rank = svd_factors(bias, rank)
     if rank is not None and low_rank.kept_energy < DEFAULT_ENERGY:
         warnings.warn(f"flashbias: rank={rank} keeps {100 * low_rank.kept_energy:.2f}% of the bias energy "
                       f"(rank=None picks the smallest rank keeping {100 * DEFAULT_ENERGY:g}%)", stacklevel=3)
     return low_rank.u, low_rank.w
+
+
+def _packed_svd_factors(bias: torch.Tensor, rank, pack) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sequence's diagonal block of a pack's bias (1|., Hq|1, total_q, total_k) factored on its own
+    (`svd_factors`, rank None: the smallest keeping DEFAULT_ENERGY of that block), the factors padded to
+    the largest rank with zero columns (which add nothing) and joined along the tokens."""
+    check_finite("bias", torch.cat([bias[..., pack.q_span(s), pack.k_span(s)].flatten() for s in range(len(pack))]))
+    factors = [svd_factors(bias[..., pack.q_span(s), pack.k_span(s)], rank) if n and m else None
+               for s, (n, m) in enumerate(zip(pack.q_lengths, pack.k_lengths))]
+    width = max(f.u.shape[-1] for f in factors if f is not None)
+    dtype = next(f.u.dtype for f in factors if f is not None)
+    u = bias.new_zeros(*bias.shape[:2], bias.shape[2], width, dtype=dtype)
+    w = bias.new_zeros(*bias.shape[:2], bias.shape[3], width, dtype=dtype)
+    for s, f in enumerate(factors):
+        if f is not None:
+            u[..., pack.q_span(s), :f.u.shape[-1]] = f.u
+            w[..., pack.k_span(s), :f.w.shape[-1]] = f.w
+    return u, w
 
 
 def _check_factors(bias_factors, q, B, Hq, Hk, N, M):
@@ -123,19 +148,26 @@ def _check_alibi(slopes, q, Hq: int, causal: bool) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-def alibi_factors(slopes: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+def alibi_factors(slopes: torch.Tensor, n: int, m: int, *, key_lengths=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact factors of causal ALiBi (flash-attn convention): for a visible key, bias -slope_h (i + m - n - j).
 
     The row-constant part -slope_h (i + m - n) does not change the softmax and is dropped, leaving
     slope_h * j, rank 1. Key positions j are written as base-256 digits (one factor column each, rank
     ceil(log256 m)), so that W holds integers below 256 and stays exact in float16/bfloat16 too; U holds
     slope_h * 256^d (a power of two times the slope, so every column rounds the slope alike).
-    Returns U (1, H, n, R) and W (1, 1, m, R), float32 (float64 for float64 slopes).
+    Returns U (1, H, n, R) and W (1, 1, m, R), float32 (float64 for float64 slopes). `key_lengths`: a
+    pack's per-sequence key lengths (m their sum): positions restart at every sequence (whose row
+    constant differs, and still drops out).
     """
     dtype = torch.float64 if slopes.dtype == torch.float64 else torch.float32
-    digits = max(1, -(-(m - 1).bit_length() // _DIGIT_BITS))  # digits of the largest position m - 1
-    shifts = _DIGIT_BITS * torch.arange(digits, device=slopes.device, dtype=torch.int64)  # (R,)
     positions = torch.arange(m, device=slopes.device, dtype=torch.int64)
+    largest = m - 1
+    if key_lengths is not None:
+        lengths = torch.tensor(key_lengths, device=slopes.device)
+        positions = positions - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+        largest = max(key_lengths) - 1
+    digits = max(1, -(-largest.bit_length() // _DIGIT_BITS))  # digits of the largest position
+    shifts = _DIGIT_BITS * torch.arange(digits, device=slopes.device, dtype=torch.int64)  # (R,)
     w = (positions[:, None] >> shifts) & ((1 << _DIGIT_BITS) - 1)  # (m, R): digit d of key position j
     powers = torch.ldexp(torch.ones(digits, dtype=dtype, device=slopes.device), shifts.to(dtype))  # 256^d
     u = slopes.to(dtype)[:, None] * powers.to(dtype)  # (H, R)

@@ -35,15 +35,16 @@ def check_gla_inputs(q, causal: bool, g, k_len: int, kv_heads: int | None = None
 
 
 def gla(q, k, v, *, causal: bool, scale: float, backend: str, chunk_size=None, g=None, initial_state=None,
-        output_final_state: bool = False):
+        output_final_state: bool = False, pack=None):
     """q (B, Hq, N, D); k (B, Hk, N, D); v (B, Hk, N, Dv); g (B, Hk, N, D) log gates <= 0 (None = no
     decay), per kv head; initial_state (B, Hk, D, Dv) fp32. Returns o (B, Hq, N, Dv), and with
-    `output_final_state` also the final state (B, Hk, D, Dv) fp32."""
+    `output_final_state` also the final state (B, Hk, D, Dv) fp32. `pack`: the sequences of a packed
+    call (B = 1), each with its own state: initial and final states (S, Hk, D, Dv)."""
     check_gla_inputs(q, causal, g, k.shape[2], k.shape[1])
     return _linear.linear_attention(q, k, v, g=g, scale=scale, causal=True, backend=backend,
                                     initial_state=initial_state,
                                     output_final_state=check_bool("output_final_state", output_final_state),
-                                    chunk_size=chunk_size)
+                                    chunk_size=chunk_size, pack=pack)
 
 
 def step(q_t, k_t, v_t, state=None, *, g_t=None, scale: float | None = None):

@@ -37,15 +37,25 @@ def elu1(x: torch.Tensor) -> torch.Tensor:
 FEATURE_MAPS = {"elu1": elu1, "relu": torch.relu}
 
 
-def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor | None, lengths=None) -> torch.Tensor:
     """x (B, H, N, D), weight (H, D, r + 1): y_t = sum_j weight[..., j] x_{t - r + j}, zeros before the
-    start, so weight[..., -1] multiplies the current token. None = identity."""
+    start, so weight[..., -1] multiplies the current token. None = identity. A pack (B = 1) of sequences
+    of `lengths` tokens starts each from zeros: r zero tokens go in front of each before the one
+    convolution."""
     if weight is None:
         return x
     B, H, N, D = x.shape
     taps = weight.shape[-1]
     channels = x.permute(0, 1, 3, 2).reshape(B, H * D, N)
-    y = F.conv1d(F.pad(channels, (taps - 1, 0)), weight.reshape(H * D, 1, taps).to(x.dtype), groups=H * D)
+    if lengths is None:
+        padded, kept = F.pad(channels, (taps - 1, 0)), slice(None)
+    else:  # token t of sequence s moves to t + (s + 1) * r; the gaps hold zeros
+        token_sequence = torch.repeat_interleave(torch.arange(len(lengths), device=x.device),
+                                                 torch.tensor(lengths, device=x.device))
+        kept = torch.arange(N, device=x.device) + (token_sequence + 1) * (taps - 1)
+        padded = channels.new_zeros(B, H * D, N + len(lengths) * (taps - 1)).index_copy(2, kept, channels)
+        kept = kept - (taps - 1)  # where each token's output lands after the valid convolution
+    y = F.conv1d(padded, weight.reshape(H * D, 1, taps).to(x.dtype), groups=H * D)[..., kept]
     return y.reshape(B, H, D, N).permute(0, 1, 3, 2).contiguous()  # (B, H, N, D) in its own layout
 
 
@@ -89,18 +99,21 @@ def check_lawcat_args(q, k, causal, g, conv_q, conv_k, feature_map) -> None:
 
 
 def lawcat(q, k, v, *, causal: bool, scale: float, backend: str, feature_map: str = "elu1", eps: float = 1e-6,
-           chunk_size=None, g=None, conv_q=None, conv_k=None):
+           chunk_size=None, g=None, conv_q=None, conv_k=None, pack=None):
     """q (B, Hq, N, D), k (B, Hk, N, D), v (B, Hk, N, Dv); g (B, Hk, N) or (B, Hk, N, D) log gates <= 0
     per kv head (None = no decay); conv_q (Hq, D, r + 1), conv_k (Hk, D, r + 1) depthwise causal kernels
     (None = identity); feature_map a name or a callable shared by q and k (a LearnedFeatureMap is per
-    head, so with GQA it needs Hq == Hk). `scale` is unused: it cancels in the normalised output."""
+    head, so with GQA it needs Hq == Hk). `scale` is unused: it cancels in the normalised output.
+    `pack`: the sequences of a packed call, each convolved and summed from its own start."""
     check_lawcat_args(q, k, causal, g, conv_q, conv_k, feature_map)
+    _linear.check_one_recurrence(pack)
     eps = check_positive("eps", eps)
     phi = feature_map_fn(feature_map)
-    phi_q = phi(causal_depthwise_conv(at_least_fp32(q), conv_q))  # features in fp32 at least
-    phi_k = phi(causal_depthwise_conv(at_least_fp32(k), conv_k))
+    lengths = None if pack is None else pack.q_lengths
+    phi_q = phi(causal_depthwise_conv(at_least_fp32(q), conv_q, lengths))  # features in fp32 at least
+    phi_k = phi(causal_depthwise_conv(at_least_fp32(k), conv_k, lengths))
     return _linear.linear_attention(phi_q, phi_k, v, g=_gate_per_channel(g, k.shape), scale=1.0, causal=True,
-                                    backend=backend, normalize=True, eps=eps, chunk_size=chunk_size)
+                                    backend=backend, normalize=True, eps=eps, chunk_size=chunk_size, pack=pack)
 
 
 class LAWCATState(NamedTuple):

@@ -19,7 +19,7 @@ import torch
 
 from .. import masks
 from ..block_mask import BlockMask
-from ..ops.flash import flash_attention, windowed_blocks
+from ..ops.flash import flash_attention, ran_blocks
 from ..validation import check_block_size, check_bool, check_int, check_optional, check_softcap, check_window
 
 PATTERN_CACHE_SIZE = 4
@@ -57,23 +57,31 @@ def check_s2_params(kv_heads: int, *, block_size, local_blocks, vert_stride, hom
 def s2(q, k, v, *, causal: bool, scale: float, backend: str, block_size: int = 64, local_blocks: int = 16,
        vert_stride: int = 8, homo_head: bool = False, num_dense_heads: int = 0, head_sliding_offset: int = 0,
        head_sliding_step: int | None = None, window_size=(-1, -1), softcap: float = 0.0,
-       return_block_mask: bool = False):
+       return_block_mask: bool = False, pack=None):
     """S2-Attention: q (B, Hq, N, D), k (B, Hk, M, D), v (B, Hk, M, Dv) -> out (B, Hq, N, Dv), or
     (out, block_mask) with `return_block_mask`. See attnzoo.masks.local_strided for the pattern;
-    `num_dense_heads` counts kv heads."""
+    `num_dense_heads` counts kv heads. `pack`: the sequences of a packed call, each with the pattern of
+    its own shape (docs/varlen.md)."""
     pattern = check_s2_params(k.shape[1], block_size=block_size, local_blocks=local_blocks, vert_stride=vert_stride,
                               homo_head=homo_head, num_dense_heads=num_dense_heads,
                               head_sliding_offset=head_sliding_offset, head_sliding_step=head_sliding_step)
     window, softcap = check_window(window_size), check_softcap(softcap)
     return_block_mask = check_bool("return_block_mask", return_block_mask)
-    block_mask = s2_block_mask(q.shape[2], k.shape[2], q.shape[1], k.shape[1], causal=causal, device=q.device,
-                               **pattern)
+    if pack is None:
+        block_mask = s2_block_mask(q.shape[2], k.shape[2], q.shape[1], k.shape[1], causal=causal, device=q.device,
+                                   **pattern)
+    else:  # each sequence's pattern (cached per shape), in the pack's grid
+        block_mask = BlockMask.packed([s2_block_mask(n, m, q.shape[1], k.shape[1], causal=causal, device=q.device,
+                                                     **pattern) if n and m else None
+                                       for n, m in zip(pack.q_lengths, pack.k_lengths)], pack, q.shape[1])
     out, _ = flash_attention(q, k, v, scale=scale, causal=causal, window_size=window, softcap=softcap,
-                             block_mask=block_mask, backend=backend)
-    if return_block_mask:  # a copy: the cached pattern serves every later call of this shape
-        ran = windowed_blocks(block_mask, q.shape[2], k.shape[2], causal=causal, window=window)
-        return out, BlockMask(ran.mask.clone(), ran.block_size)
-    return out
+                             block_mask=block_mask, backend=backend, pack=pack)
+    if not return_block_mask:
+        return out
+    ran = ran_blocks(block_mask, q, k, causal=causal, window=window, pack=pack)
+    if pack is None:  # a copy: the cached pattern serves every later call of this shape
+        ran = BlockMask(ran.mask.clone(), ran.block_size)
+    return out, ran
 
 
 def example_kwargs(q, k, v, *, causal):

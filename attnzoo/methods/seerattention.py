@@ -27,7 +27,7 @@ from ..block_mask import BlockMask
 from ..geometry import block_geometry, num_blocks
 from ..ops.block_target import block_max_probs
 from ..ops.dispatch import resolve
-from ..ops.flash import flash_attention, windowed_blocks
+from ..ops.flash import flash_attention, ran_blocks
 from ..validation import (check_bool, check_finite, check_int, check_optional, check_power_of_two, check_real,
                           check_softcap, check_tensor, check_window)
 
@@ -44,40 +44,54 @@ LOSS_REDUCTIONS = ("mean", "sum", "rows")
 
 def seerattention(q, k, v, *, causal: bool, scale: float, backend: str, gate=None, threshold=None, topk_ratio=None,
                   block_size: int = 64, last_blocks_dense: int = 2, window_size=(-1, -1), softcap: float = 0.0,
-                  return_block_mask: bool = False):
+                  return_block_mask: bool = False, pack=None):
     """Block-sparse attention over the blocks a gate (or the oracle map) chooses.
 
     q (B, Hq, N, D), k (B, Hk, M, D), v (B, Hk, M, Dv) -> out (B, Hq, N, Dv), and the `BlockMask`
     (B, Hq, nQB, nKB) with `return_block_mask`. `gate`: None (oracle scores), an `AttnGate` (or any
-    callable gate(q, k, causal=...)), or scores (B|1, Hq|1, nQB, nKB)."""
+    callable gate(q, k, causal=...)), or scores (B|1, Hq|1, nQB, nKB). `pack`: the sequences of a packed
+    call, each scored and selected on its own grid (gate scores: the pack's grid (S, Hq|1, ...)),
+    then one attention launch."""
     threshold, topk_ratio, block_size, last_blocks_dense = _check_selection(threshold, topk_ratio, block_size,
                                                                             last_blocks_dense)
     window, softcap = check_window(window_size), check_softcap(softcap)
     return_block_mask = check_bool("return_block_mask", return_block_mask)
-    N, M = q.shape[2], k.shape[2]
-    scores = block_scores(q, k, gate, block_size=block_size, causal=causal, scale=scale, backend=backend)
-    keep = select_blocks(scores, N, M, block_size=block_size, causal=causal, threshold=threshold,
+    lengths = (q.shape[2], k.shape[2]) if pack is None else (pack.q_lengths, pack.k_lengths)
+    scores = block_scores(q, k, gate, block_size=block_size, causal=causal, scale=scale, backend=backend, pack=pack)
+    keep = select_blocks(scores, *lengths, block_size=block_size, causal=causal, threshold=threshold,
                          topk_ratio=topk_ratio, last_blocks_dense=last_blocks_dense)
     block_mask = BlockMask(keep, block_size)
     out, _ = flash_attention(q, k, v, scale=scale, causal=causal, window_size=window, softcap=softcap,
-                             block_mask=block_mask, backend=backend)
+                             block_mask=block_mask, backend=backend, pack=pack)
     if return_block_mask:
-        return out, windowed_blocks(block_mask, N, M, causal=causal, window=window)
+        return out, ran_blocks(block_mask, q, k, causal=causal, window=window, pack=pack)
     return out
 
 
-def block_scores(q, k, gate, *, block_size: int, causal: bool, scale: float, backend: str) -> torch.Tensor:
-    """Scores (B|1, Hq|1, nQB, nKB) that rank the blocks: the gate's probabilities or the oracle map."""
+def block_scores(q, k, gate, *, block_size: int, causal: bool, scale: float, backend: str,
+                 pack=None) -> torch.Tensor:
+    """Scores (B|1, Hq|1, nQB, nKB) that rank the blocks: the gate's probabilities or the oracle map.
+    For a pack: (S, Hq|1, nQB, nKB) over the longest sequences' grid (a gate module scores each
+    sequence on its own; given scores are the pack's grid, ceil(max_seqlen / block_size) blocks)."""
     B, Hq, N, _ = q.shape
     M = k.shape[2]
-    shape = ((1, B), (1, Hq), num_blocks(N, block_size), num_blocks(M, block_size))
+    if pack is None:
+        shape = ((1, B), (1, Hq), num_blocks(N, block_size), num_blocks(M, block_size))
+    else:
+        shape = (len(pack), (1, Hq), num_blocks(pack.max_q, block_size), num_blocks(pack.max_k, block_size))
     with torch.no_grad():
         if gate is None:
-            return block_attention_target(q, k, block_size, causal, scale=scale, backend=backend)
+            return block_attention_target(q, k, block_size, causal, scale=scale, backend=backend, pack=pack)
         if isinstance(gate, torch.Tensor):
             check_tensor("gate", gate, shape=shape, like=q, dtype=_FLOATS)
             check_finite("gate", gate, allow_inf=True)  # scores rank blocks: -inf never wins
+            if pack is not None:  # the grid the kernels walk: that of the longest sequences
+                gate = gate[..., :num_blocks(max(pack.q_lengths), block_size), :num_blocks(max(pack.k_lengths),
+                                                                                           block_size)]
             return gate
+        if pack is not None:
+            return _per_sequence_gate(q, k, gate, block_size=block_size, causal=causal, scale=scale,
+                                      backend=backend, pack=pack)
         if not callable(gate):
             raise TypeError(f"gate must be None, an AttnGate (a callable gate(q, k, causal=...)) or a tensor of "
                             f"block scores, got {type(gate).__name__}")
@@ -90,12 +104,25 @@ def block_scores(q, k, gate, *, block_size: int, causal: bool, scale: float, bac
         return scores
 
 
-def select_blocks(scores: torch.Tensor, n: int, m: int, *, block_size: int, causal: bool, threshold=None,
+def _per_sequence_gate(q, k, gate, *, block_size: int, causal: bool, scale: float, backend: str, pack):
+    """A gate module's scores for each sequence of a pack, in the pack's grid (0 past each sequence)."""
+    grid = q.new_zeros(len(pack), q.shape[1], num_blocks(max(pack.q_lengths), block_size),
+                       num_blocks(max(pack.k_lengths), block_size), dtype=torch.float32)
+    for s, (n, m) in enumerate(zip(pack.q_lengths, pack.k_lengths)):
+        if n and m:
+            own = block_scores(q[:, :, pack.q_span(s)], k[:, :, pack.k_span(s)], gate, block_size=block_size,
+                               causal=causal, scale=scale, backend=backend)
+            grid[s, :, :own.shape[2], :own.shape[3]] = own[0]
+    return grid
+
+
+def select_blocks(scores: torch.Tensor, n, m, *, block_size: int, causal: bool, threshold=None,
                   topk_ratio=None, last_blocks_dense: int = 2) -> torch.Tensor:
     """Bool (B|1, H|1, nQB, nKB): blocks scoring >= `threshold` or in each row's top
     ceil(topk_ratio * admissible), plus the diagonal blocks and the last `last_blocks_dense` rows,
     restricted to the admissible blocks (those holding a visible key). Neither threshold nor topk_ratio:
-    threshold DEFAULT_THRESHOLD."""
+    threshold DEFAULT_THRESHOLD. For a pack, n and m are the per-sequence lengths and scores the pack's
+    grid (S, H|1, nQB, nKB): every rule applies to each sequence's own grid."""
     admissible, _ = block_geometry(n, m, block_size, block_size, causal=causal, device=scores.device)
     if threshold is None and topk_ratio is None:
         threshold = DEFAULT_THRESHOLD
@@ -104,34 +131,47 @@ def select_blocks(scores: torch.Tensor, n: int, m: int, *, block_size: int, caus
     else:
         keep = _top_blocks(scores, admissible, topk_ratio)
     keep = keep | diagonal_blocks(n, m, block_size, causal=causal, device=scores.device)
-    if last_blocks_dense > 0:
-        keep[..., -last_blocks_dense:, :] = True
+    if last_blocks_dense > 0:  # the last rows of each sequence's own grid
+        rows = torch.arange(keep.shape[-2], device=scores.device)[:, None]
+        n_qb = num_blocks(n, block_size) if isinstance(n, int) else \
+            torch.tensor([num_blocks(x, block_size) for x in n], device=scores.device)[:, None, None, None]
+        keep = keep | (rows >= n_qb - last_blocks_dense)
     return keep & admissible
 
 
 def _top_blocks(scores: torch.Tensor, admissible: torch.Tensor, topk_ratio: float) -> torch.Tensor:
     """Each row's ceil(topk_ratio * admissible count) highest-scoring admissible blocks (ties: lower index)."""
-    count = admissible.sum(dim=-1, dtype=torch.float64)  # (nQB,)
+    count = admissible.sum(dim=-1, dtype=torch.float64)  # (nQB,), for a pack (S, 1, nQB)
     # ratio * count may land a rounding error above an integer (0.3 * 10); do not let that add a block
     wanted = torch.ceil(topk_ratio * count - 1e-9).clamp(min=1).minimum(count)
     ranked = scores.float().masked_fill(~admissible, -math.inf)
     order = torch.argsort(ranked, dim=-1, descending=True, stable=True)
     position = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device)
                                                 .expand_as(order))  # rank of every block in its row
-    return position < wanted[:, None]
+    return position < wanted[..., None]
 
 
-def diagonal_blocks(n: int, m: int, block_size: int, *, causal: bool, device=None) -> torch.Tensor:
+def diagonal_blocks(n, m, block_size: int, *, causal: bool, device=None) -> torch.Tensor:
     """Bool (nQB, nKB): the key blocks holding each query's diagonal key i + (M - N) (bottom-right
     aligned; clamped at key 0 when not causal), so every query that can see a key sees one. A query
     block's diagonal keys are consecutive, so its blocks are one run; built from shapes alone (no
-    data-dependent indexing: it runs on the meta device and under torch.compile)."""
-    first_query = torch.arange(num_blocks(n, block_size), device=device)[:, None] * block_size  # (nQB, 1)
+    data-dependent indexing: it runs on the meta device and under torch.compile). For a pack (n, m the
+    per-sequence lengths): (S, 1, nQB, nKB) over the longest sequences' grid."""
+    if isinstance(n, int):
+        return _diagonal_blocks(n, m, num_blocks(n, block_size), num_blocks(m, block_size), block_size, causal,
+                                device)
+    n_t, m_t = (torch.tensor(x, device=device)[:, None, None, None] for x in (n, m))
+    return _diagonal_blocks(n_t, m_t, num_blocks(max(n), block_size), num_blocks(max(m), block_size), block_size,
+                            causal, device)
+
+
+def _diagonal_blocks(n, m, n_qb: int, n_kb: int, block_size: int, causal: bool, device) -> torch.Tensor:
+    first_query = torch.arange(n_qb, device=device)[:, None] * block_size  # (nQB, 1)
     first_diag = first_query + (m - n)
     last_diag = torch.clamp(first_query + block_size, max=n) - 1 + (m - n)
     seen = last_diag >= 0 if causal else True  # causal queries before the first key have no diagonal key
     first_diag, last_diag = first_diag.clamp(min=0), last_diag.clamp(min=0)  # both stay <= M - 1
-    key = torch.arange(num_blocks(m, block_size), device=device)[None, :]  # (1, nKB)
+    key = torch.arange(n_kb, device=device)[None, :]  # (1, nKB)
     return (key >= first_diag // block_size) & (key <= last_diag // block_size) & seen
 
 
@@ -159,13 +199,15 @@ def _check_block_size(block_size) -> int:
 
 
 def block_attention_target(q: torch.Tensor, k: torch.Tensor, block_size: int, causal: bool, *, scale=None, lse=None,
-                           backend: str = "auto") -> torch.Tensor:
+                           backend: str = "auto", pack=None) -> torch.Tensor:
     """The gate's training target (B, Hq, nQB, nKB) fp32: the softmax(scale q k^T) map max-pooled over
     (block x block) tiles, each row normalised to sum 1 (rows that see no key: 0). No gradient.
 
     Two passes, never N x M: the flash forward for each row's logsumexp (pass `lse` (B, Hq, N) when
     the caller already has it), then a pass that turns every score tile into probabilities and pools.
-    q (B, Hq, N, D), k (B, Hk, M, D); scale defaults to D ** -0.5; causal is bottom-right aligned."""
+    q (B, Hq, N, D), k (B, Hk, M, D); scale defaults to D ** -0.5; causal is bottom-right aligned.
+    `pack` (attnzoo.geometry.Pack): every sequence's map at once, (S, Hq, nQB, nKB) over the longest
+    sequences' grid, two kernel launches for the whole pack."""
     _check_block_size(block_size)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     backend = resolve(backend, q.device, ("triton", "torch"), "block_attention_target")
@@ -174,8 +216,9 @@ def block_attention_target(q: torch.Tensor, k: torch.Tensor, block_size: int, ca
     with torch.no_grad():
         if lse is None:
             values = k[..., :1]  # the forward needs some v; a 1-wide view of k costs next to nothing
-            _, lse = flash_attention(q, k, values, scale=scale, causal=causal, backend=backend)
-        pooled = block_max_probs(q, k, lse, scale=scale, causal=causal, block_size=block_size, backend=backend)
+            _, lse = flash_attention(q, k, values, scale=scale, causal=causal, backend=backend, pack=pack)
+        pooled = block_max_probs(q, k, lse, scale=scale, causal=causal, block_size=block_size, backend=backend,
+                                 pack=pack)
         return pooled / pooled.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
 
 

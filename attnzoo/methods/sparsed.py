@@ -27,7 +27,8 @@ from typing import NamedTuple
 import torch
 
 from ..block_mask import BlockMask
-from ..ops.flash import flash_attention, windowed_blocks
+from ..geometry import Pack, num_blocks
+from ..ops.flash import flash_attention, ran_blocks
 from ..ops.scoring import antidiagonal_block_scores
 from ..validation import (check_block_size, check_bool, check_int, check_optional, check_real, check_softcap,
                           check_window)
@@ -76,10 +77,14 @@ def keep_count(n_blocks: int, select: float) -> int:
     return int(n_blocks * select) + 1
 
 
-def top_blocks(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """scores (..., n) -> bool (..., n): the top min(n, count) per row."""
-    top = scores.topk(min(scores.shape[-1], count), dim=-1).indices
-    return torch.zeros_like(scores, dtype=torch.bool).scatter(-1, top, True)
+def top_blocks(scores: torch.Tensor, count, valid: torch.Tensor) -> torch.Tensor:
+    """scores (..., n) -> bool (..., n): per row the `count` highest of its `valid` entries (all of them
+    when fewer), ties to the lower index. count: an int or a tensor broadcastable to scores (one per
+    sequence of a pack); valid: bool broadcastable to scores."""
+    order = scores.masked_fill(~valid, float("-inf")).sort(dim=-1, descending=True, stable=True).indices
+    positions = torch.arange(scores.shape[-1], device=scores.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(-1, order, positions)
+    return (rank < count) & valid
 
 
 def generation_start_block(m: int, block_k: int, gen_len: int) -> int:
@@ -89,49 +94,86 @@ def generation_start_block(m: int, block_k: int, gen_len: int) -> int:
     return min(-(-(m - gen_len) // block_k), n_kb - 1)
 
 
-def select_blocks(q, k, *, select: float, block_q: int, block_k: int, scale: float, gen_len, backend: str):
-    """SparseD's pattern: bool (B, Hq, nQB, nKB) for q (B, Hq, N, D), k (B, Hk, M, D), non-causal."""
+def select_blocks(q, k, *, select: float, block_q: int, block_k: int, scale: float, gen_len, backend: str,
+                  pack=None):
+    """SparseD's pattern: bool (B, Hq, nQB, nKB) for q (B, Hq, N, D), k (B, Hk, M, D), non-causal. For a
+    pack: (S, Hq, nQB, nKB) over the pack's grid, every sequence's own choice at once (one estimate
+    launch per region); counts and regions are per sequence, (S, 1, 1, 1) columns."""
+    key_lengths = [k.shape[2]] if pack is None else list(pack.k_lengths)
     scores = antidiagonal_block_scores(q, k, stride=1, block_q=block_q, block_k=block_k, scale=scale,
-                                       causal=False, backend=backend)
-    all_keys = keep_count(scores.shape[-1], select)
+                                       causal=False, backend=backend, pack=pack)
+    key_blocks = [num_blocks(m, block_k) for m in key_lengths]
+    all_keys = _per_sequence([keep_count(n, select) for n in key_blocks], q.device)
+    column = torch.arange(scores.shape[-1], device=q.device)
     if gen_len is None:
-        return top_blocks(scores, all_keys)
-    first_gen = generation_start_block(k.shape[2], block_k, gen_len)
-    gen_scores = antidiagonal_block_scores(q, k[:, :, first_gen * block_k:], stride=1, block_q=block_q,
-                                           block_k=block_k, scale=scale, causal=False, backend=backend)
-    prompt = [top_blocks(scores[..., :first_gen], all_keys)] if first_gen > 0 else []
-    return torch.cat(prompt + [top_blocks(gen_scores, keep_count(gen_scores.shape[-1], select))], dim=-1)
+        return top_blocks(scores, all_keys, column < _per_sequence(key_blocks, q.device))
+    first_gen = [generation_start_block(m, block_k, gen_len) if m else 0 for m in key_lengths]
+    gen_k, gen_pack = _generation_keys(k, pack, [f * block_k for f in first_gen])
+    gen_scores = antidiagonal_block_scores(q, gen_k, stride=1, block_q=block_q, block_k=block_k, scale=scale,
+                                           causal=False, backend=backend, pack=gen_pack)
+    gen_blocks = [n - f for n, f in zip(key_blocks, first_gen)]
+    first_gen = _per_sequence(first_gen, q.device)
+    prompt = top_blocks(scores, all_keys, column < first_gen)
+    gen_column = torch.arange(gen_scores.shape[-1], device=q.device)
+    generation = top_blocks(gen_scores, _per_sequence([keep_count(n, select) for n in gen_blocks], q.device),
+                            gen_column < _per_sequence(gen_blocks, q.device))
+    return prompt | _shifted(generation, first_gen, scores.shape[-1])
+
+
+def _per_sequence(values: list[int], device) -> torch.Tensor:
+    """(S|1, 1, 1, 1): one number per sequence (or for the whole batch), broadcast over heads and blocks."""
+    return torch.tensor(values, device=device)[:, None, None, None]
+
+
+def _generation_keys(k, pack, first_keys: list[int]):
+    """The keys of the generation region (from key first_keys[s] of each sequence on) and, for a pack,
+    the pack they form."""
+    if pack is None:
+        return k[:, :, first_keys[0]:], None
+    spans = [slice(pack.k_starts[s] + first, pack.k_starts[s + 1]) for s, first in enumerate(first_keys)]
+    generation = Pack.of_lengths(pack.q_lengths, [span.stop - span.start for span in spans])
+    return torch.cat([k[:, :, span] for span in spans], dim=2), generation
+
+
+def _shifted(blocks: torch.Tensor, offset: torch.Tensor, width: int) -> torch.Tensor:
+    """blocks (..., n) moved right by `offset` (per sequence) into `width` columns, False elsewhere."""
+    source = torch.arange(width, device=blocks.device) - offset  # (S|1, 1, 1, width)
+    inside = (source >= 0) & (source < blocks.shape[-1])
+    index = source.clamp(0, blocks.shape[-1] - 1).expand(*blocks.shape[:-1], width)
+    return blocks.gather(-1, index) & inside
 
 
 def sparsed(q, k, v, *, causal: bool, scale: float, backend: str, select: float = 0.3, block_size: int = 128,
             skip: float = 0.2, step=None, total_steps=None, cache=None, gen_len=None, window_size=(-1, -1),
-            softcap: float = 0.0, return_block_mask: bool = False):
+            softcap: float = 0.0, return_block_mask: bool = False, pack=None):
     """SparseD: q (B, Hq, N, D), k (B, Hk, M, D), v (B, Hk, M, Dv) -> out (B, Hq, N, Dv), or
-    (out, block_mask) with `return_block_mask` (all blocks on dense steps). Non-causal."""
+    (out, block_mask) with `return_block_mask` (all blocks on dense steps). Non-causal. `pack`: the
+    sequences of a packed call, each choosing its own pattern (no schedule: a cache is per sequence)."""
     if causal:
         raise ValueError("sparsed is for bidirectional (diffusion) models; call it with causal=False")
     n, m = q.shape[2], k.shape[2]
-    select, skip, block_q, block_k, gen_len = sparsed_params(select, skip, block_size, gen_len, m)
+    shortest = m if pack is None else min(length for length in pack.k_lengths if length)  # gen_len fits every one
+    select, skip, block_q, block_k, gen_len = sparsed_params(select, skip, block_size, gen_len, shortest)
     step, total_steps = check_schedule(step, total_steps, cache)
     window, softcap = check_window(window_size), check_softcap(softcap)
     return_block_mask = check_bool("return_block_mask", return_block_mask)
 
     if step is None:
-        block_mask = _pattern(q, k, select, block_q, block_k, scale, gen_len, backend)
+        block_mask = _pattern(q, k, select, block_q, block_k, scale, gen_len, backend, pack)
     else:
         block_mask = _scheduled_pattern(q, k, step, total_steps, skip, cache,
                                         lambda: _pattern(q, k, select, block_q, block_k, scale, gen_len, backend))
     out, _ = flash_attention(q, k, v, scale=scale, causal=False, window_size=window, softcap=softcap,
-                             block_mask=block_mask, backend=backend)
+                             block_mask=block_mask, backend=backend, pack=pack)
     if return_block_mask:
         chosen = block_mask if block_mask is not None else _all_blocks(n, m, block_q, block_k, q.device)
-        return out, windowed_blocks(chosen, n, m, causal=False, window=window)
+        return out, ran_blocks(chosen, q, k, causal=False, window=window, pack=pack)
     return out
 
 
-def _pattern(q, k, select, block_q, block_k, scale, gen_len, backend) -> BlockMask:
+def _pattern(q, k, select, block_q, block_k, scale, gen_len, backend, pack=None) -> BlockMask:
     return BlockMask(select_blocks(q, k, select=select, block_q=block_q, block_k=block_k, scale=scale,
-                                   gen_len=gen_len, backend=backend), (block_q, block_k))
+                                   gen_len=gen_len, backend=backend, pack=pack), (block_q, block_k))
 
 
 def _all_blocks(n: int, m: int, block_q: int, block_k: int, device) -> BlockMask:

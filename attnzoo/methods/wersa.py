@@ -70,6 +70,21 @@ def wavelet_filter(x: torch.Tensor, levels: int, gains: torch.Tensor | None) -> 
     return haar_idwt(bands)[:, :, :n]
 
 
+def packed_wavelet_filter(x: torch.Tensor, levels: int, gains: torch.Tensor | None, pack=None) -> torch.Tensor:
+    """wavelet_filter over each sequence of a pack (B = 1; per-token gains (1, total, L + 1) cut the same
+    way): the dyadic blocks of the transform start at every sequence's first token. Without gains the
+    filter is per token (gelu), so the pack is filtered whole."""
+    if pack is None or gains is None:
+        return wavelet_filter(x, levels, gains)
+    pieces = []
+    for s in range(len(pack)):
+        tokens = pack.q_span(s)
+        if tokens.stop > tokens.start:
+            own = gains if gains.dim() == 1 else gains[:, tokens]
+            pieces.append(wavelet_filter(x[:, :, tokens], levels, own))
+    return torch.cat(pieces, dim=2)
+
+
 @torch.compiler.disable  # a seeded torch.Generator cannot be traced: one clean graph break
 def wersa_omega(head_dim: int, num_features: int, seed: int, *, dtype=torch.float32, device=None) -> torch.Tensor:
     """The fixed projection Omega (head_dim, num_features), standard Gaussian, drawn on the CPU from `seed`
@@ -105,15 +120,18 @@ def check_wersa_args(q, k, causal, levels, num_features, gains, seed) -> tuple[i
 
 
 def wersa(q, k, v, *, causal: bool, scale: float, backend: str, levels: int = 2, num_features: int = 256,
-          gains=None, seed: int = 0, chunk_size=None):
+          gains=None, seed: int = 0, chunk_size=None, pack=None):
     """q, k (B, H, N, D), v (B, H, N, Dv) -> o (B, H, N, Dv). gains (L+1,) or (B, N, L+1), shared by
-    heads and channels (None = all 1). `scale` is unused: it would cancel in the normalised output."""
+    heads and channels (None = all 1). `scale` is unused: it would cancel in the normalised output.
+    `pack`: the sequences of a packed call, each filtered over its own tokens (`packed_wavelet_filter`)."""
     levels, num_features, seed = check_wersa_args(q, k, causal, levels, num_features, gains, seed)
-    filtered_q, filtered_k = (wavelet_filter(at_least_fp32(x), levels, gains) for x in (q, k))  # fp32 at least
+    _linear.check_one_recurrence(pack)
+    filtered_q, filtered_k = (packed_wavelet_filter(at_least_fp32(x), levels, gains, pack)  # fp32 at least
+                              for x in (q, k))
     omega = wersa_omega(q.shape[-1], num_features, seed, dtype=filtered_q.dtype, device=q.device)
     phi_q, phi_k = random_features(filtered_q, omega), random_features(filtered_k, omega)
     return _linear.linear_attention(phi_q, phi_k, v, scale=1.0, causal=False, backend=backend, normalize=True,
-                                    eps=_EPS, chunk_size=chunk_size)
+                                    eps=_EPS, chunk_size=chunk_size, pack=pack)
 
 
 class WERSAGates(torch.nn.Module):

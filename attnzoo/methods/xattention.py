@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from ..block_mask import BlockMask
-from ..geometry import block_geometry, diagonal_key_block, num_blocks
-from ..ops.flash import flash_attention, windowed_blocks
+from ..geometry import Pack, block_geometry, diagonal_key_block, num_blocks
+from ..ops.flash import flash_attention, ran_blocks
 from ..ops.scoring import antidiagonal_block_scores
 from ..validation import (check_block_size, check_bool, check_choice, check_int, check_optional,
                           check_power_of_two, check_real, check_softcap, check_window)
@@ -71,14 +71,14 @@ def xattention_params(stride, threshold, block_size, selection="attnzoo", chunk_
 # ---------------------------------------------------------------------------------------------------
 
 
-def forced_blocks(n: int, m: int, block_q: int, block_k: int, *, causal: bool, admissible: torch.Tensor) -> torch.Tensor:
+def forced_blocks(n, m, block_q: int, block_k: int, *, causal: bool, admissible: torch.Tensor) -> torch.Tensor:
     """Bool (nQB, nKB): key block 0, and for causal the diagonal key block, where attention sees them
-    (`admissible`, the blocks holding a visible pair)."""
+    (`admissible`, the blocks holding a visible pair). For a pack (n, m per sequence): (S, 1, nQB, nKB)."""
     device = admissible.device
-    key = torch.arange(admissible.shape[1], device=device)[None, :]
+    key = torch.arange(admissible.shape[-1], device=device)[None, :]
     forced = key == 0
     if causal:
-        forced = forced | (key == diagonal_key_block(n, m, block_q, block_k, device=device)[:, None])
+        forced = forced | (key == diagonal_key_block(n, m, block_q, block_k, device=device)[..., None])
     return forced & admissible
 
 
@@ -107,15 +107,17 @@ def _mass_before(ranked: torch.Tensor) -> torch.Tensor:
 
 
 def attnzoo_select(q, k, *, stride: int, threshold: float, block_q: int, block_k: int, scale: float,
-                   causal: bool, backend: str) -> torch.Tensor:
-    """Bool (B|1, Hq|1, nQB, nKB): the paper's rule on the estimate of the real tokens."""
-    n, m = q.shape[2], k.shape[2]
-    admissible, _ = block_geometry(n, m, block_q, block_k, causal=causal, device=q.device)
+                   causal: bool, backend: str, pack=None) -> torch.Tensor:
+    """Bool (B|1, Hq|1, nQB, nKB): the paper's rule on the estimate of the real tokens. For a pack, every
+    sequence's choice at once (one estimate launch), (S, Hq|1, nQB, nKB) over the pack's grid."""
+    lengths = (q.shape[2], k.shape[2]) if pack is None else (pack.q_lengths, pack.k_lengths)
+    admissible, _ = block_geometry(*lengths, block_q, block_k, causal=causal, device=q.device)
+    admissible = admissible[(None,) * (4 - admissible.dim())]  # (B|S|1, 1, nQB, nKB)
     if threshold >= 1:  # every admissible block: no estimate needed
-        return admissible[None, None]
-    forced = forced_blocks(n, m, block_q, block_k, causal=causal, admissible=admissible)
+        return admissible
+    forced = forced_blocks(*lengths, block_q, block_k, causal=causal, admissible=admissible)
     scores = antidiagonal_block_scores(q, k, stride=stride, block_q=block_q, block_k=block_k, scale=scale,
-                                       causal=causal, backend=backend)
+                                       causal=causal, backend=backend, pack=pack)
     return threshold_select(scores, threshold, forced, admissible)
 
 
@@ -131,25 +133,45 @@ def official_chunk_size(m: int) -> int:
     return max(min(max(2048, p), (1 << 28) // p), 2048)
 
 
-def official_scores(q, k, *, stride: int, block: int, chunk: int, scale: float, causal: bool,
-                    backend: str) -> torch.Tensor:
-    """float64 (B, Hq, nQB, M_pad / block): the reference's block sums on its padded grid.
+class OfficialGrid(NamedTuple):
+    """The reference's padded grid for one sequence of N queries and M keys: both padded with zeros to a
+    multiple of `chunk` (N_pad, M_pad); query block i's diagonal is key block i + shift, shift =
+    (M_pad - N_pad) / block; the estimate runs on `query_rows` queries (whole groups) and `key_rows`
+    keys (M_pad, or under causal cut after the last group a kept query sees)."""
 
-    The reference pads q and k with zeros, each to a multiple of `chunk` (N_pad, M_pad), and aligns
-    query group a with key group a + (M_pad - N_pad) / S under causal masking (so within one chunk
-    causal N < M is top-left aligned); zero-padded keys take part in the softmax, and padded query
-    groups (from ceil(N / S) on) add nothing. The same grid, scored by the antidiagonal op: queries
-    padded to whole groups, keys padded to M_pad (causal: cut after the last group a kept query sees).
-    The reference stores the sums in the input dtype, so they are rounded to it."""
-    n, m = q.shape[2], k.shape[2]
-    n_pad, m_pad = num_blocks(n, chunk) * chunk, num_blocks(m, chunk) * chunk
+    n: int
+    m: int
+    chunk: int
+    shift: int
+    query_rows: int
+    key_rows: int
+    n_kb_pad: int  # M_pad / block
+
+
+def official_grid(n: int, m: int, *, stride: int, block: int, chunk_size, causal: bool) -> OfficialGrid:
+    chunk = official_chunk_size(m) if chunk_size is None else chunk_size
+    n_chunks, m_chunks = num_blocks(n, chunk), num_blocks(m, chunk)
+    if causal and n_chunks > m_chunks:
+        raise ValueError(f"selection='official' with causal=True needs no more query chunks than key chunks "
+                         f"(the reference asserts it): N={n}, M={m}, chunk_size={chunk}")
+    n_pad, m_pad = n_chunks * chunk, m_chunks * chunk
     query_rows = num_blocks(n, stride) * stride
     key_rows = m_pad - n_pad + query_rows if causal else m_pad
-    q_rows = F.pad(q, (0, 0, 0, query_rows - n))
-    k_rows = F.pad(k, (0, 0, 0, key_rows - m)) if key_rows >= m else k[:, :, :key_rows]
-    scores = antidiagonal_block_scores(q_rows, k_rows, stride=stride, block_q=block, block_k=block, scale=scale,
-                                       causal=causal, backend=backend)
-    return F.pad(scores, (0, m_pad // block - scores.shape[-1])).to(q.dtype).double()
+    return OfficialGrid(n, m, chunk, (m_pad - n_pad) // block, query_rows, key_rows, m_pad // block)
+
+
+def official_rows(q, k, grid: OfficialGrid) -> tuple[torch.Tensor, torch.Tensor]:
+    """The estimate's inputs on the reference's grid: queries padded to whole groups, keys padded with
+    zeros to `key_rows` (zero-padded keys take part in the softmax, as in the reference) or cut there."""
+    q_rows = F.pad(q, (0, 0, 0, grid.query_rows - grid.n))
+    k_rows = F.pad(k, (0, 0, 0, grid.key_rows - grid.m)) if grid.key_rows >= grid.m else k[:, :, :grid.key_rows]
+    return q_rows, k_rows
+
+
+def official_scores(scores: torch.Tensor, grid: OfficialGrid, dtype: torch.dtype) -> torch.Tensor:
+    """float64 (B, Hq, nQB, M_pad / block): the estimate on the padded grid, rounded to the input dtype
+    (the reference stores its sums in it)."""
+    return F.pad(scores, (0, grid.n_kb_pad - scores.shape[-1])).to(dtype).double()
 
 
 def official_forced(n_qb: int, n_kb_pad: int, shift: int, blocks_per_chunk: int, *, causal: bool,
@@ -192,31 +214,53 @@ def official_walk(scores: torch.Tensor, threshold: float, forced: torch.Tensor, 
 
 
 def official_select(q, k, *, stride: int, threshold: float, block: int, chunk_size, scale: float, causal: bool,
-                    backend: str) -> torch.Tensor:
+                    backend: str, pack=None):
     """Bool (B|1, Hq|1, nQB, nKB): the reference's blocks, restricted to those attention touches.
 
     Causal keeps key blocks j <= i + shift on the padded grid (the reference's final clean-up), so
     a causal N < M within one chunk is scored and selected top-left aligned; blocks the attention's
     own (bottom-right) causal mask leaves empty are dropped from the returned mask: they compute
-    nothing in either code."""
-    n, m = q.shape[2], k.shape[2]
-    chunk = official_chunk_size(m) if chunk_size is None else chunk_size
-    n_chunks, m_chunks = num_blocks(n, chunk), num_blocks(m, chunk)
-    if causal and n_chunks > m_chunks:
-        raise ValueError(f"selection='official' with causal=True needs no more query chunks than key chunks "
-                         f"(the reference asserts it): N={n}, M={m}, chunk_size={chunk}")
-    admissible, _ = block_geometry(n, m, block, block, causal=causal, device=q.device)
-    shift = (m_chunks - n_chunks) * chunk // block
-    n_qb, n_kb, n_kb_pad = admissible.shape[0], admissible.shape[1], m_chunks * chunk // block
-    reached = torch.arange(n_kb_pad, device=q.device)[None, :] <= torch.arange(n_qb, device=q.device)[:, None] + shift
+    nothing in either code. For a pack: a list with each sequence's choice (None for one without
+    queries or keys), the estimates of every sequence on its own padded grid in one launch."""
+    lengths = [(q.shape[2], k.shape[2])] if pack is None else list(zip(pack.q_lengths, pack.k_lengths))
+    grids = [official_grid(n, m, stride=stride, block=block, chunk_size=chunk_size, causal=causal) if n and m
+             else None for n, m in lengths]
+    estimates = [None] * len(grids)
+    if threshold < 1 and pack is None:
+        estimates = [antidiagonal_block_scores(*official_rows(q, k, grids[0]), stride=stride, block_q=block,
+                                               block_k=block, scale=scale, causal=causal, backend=backend)]
+    elif threshold < 1:  # every sequence's padded rows, end to end: one more pack
+        rows = [official_rows(q[:, :, pack.q_span(s)], k[:, :, pack.k_span(s)], grid) if grid else None
+                for s, grid in enumerate(grids)]
+        q_rows, k_rows = ([rows_s[side] for rows_s in rows if rows_s is not None] for side in (0, 1))
+        padded = Pack.of_lengths(*([0 if rows_s is None else rows_s[side].shape[2] for rows_s in rows]
+                                   for side in (0, 1)))
+        scores = antidiagonal_block_scores(torch.cat(q_rows, dim=2), torch.cat(k_rows, dim=2), stride=stride,
+                                           block_q=block, block_k=block, scale=scale, causal=causal, backend=backend,
+                                           pack=padded)
+        estimates = [None if grid is None else scores[s:s + 1, :, :num_blocks(grid.query_rows, block),
+                                                      :num_blocks(grid.key_rows, block)]
+                     for s, grid in enumerate(grids)]
+    keeps = [None if grid is None else _official_keep(estimate, grid, threshold=threshold, block=block,
+                                                      causal=causal, dtype=q.dtype, device=q.device)
+             for grid, estimate in zip(grids, estimates)]
+    return keeps[0] if pack is None else keeps
+
+
+def _official_keep(estimate, grid: OfficialGrid, *, threshold: float, block: int, causal: bool, dtype,
+                   device) -> torch.Tensor:
+    """One sequence's choice from its estimate on the padded grid (None when threshold >= 1)."""
+    admissible, _ = block_geometry(grid.n, grid.m, block, block, causal=causal, device=device)
+    n_qb, n_kb = admissible.shape
+    reached = torch.arange(grid.n_kb_pad, device=device)[None, :] <= torch.arange(n_qb, device=device)[:, None] + \
+        grid.shift
     region = reached if causal else torch.ones_like(reached)
     if threshold >= 1:
         keep = region[None, None]
     else:
-        scores = official_scores(q, k, stride=stride, block=block, chunk=chunk, scale=scale, causal=causal,
-                                 backend=backend)
-        forced, lagging = official_forced(n_qb, n_kb_pad, shift, chunk // block, causal=causal, device=q.device)
-        keep = official_walk(scores, threshold, forced, lagging) & region
+        forced, lagging = official_forced(n_qb, grid.n_kb_pad, grid.shift, grid.chunk // block, causal=causal,
+                                          device=device)
+        keep = official_walk(official_scores(estimate, grid, dtype), threshold, forced, lagging) & region
     return keep[..., :n_kb] & admissible
 
 
@@ -226,35 +270,43 @@ def official_select(q, k, *, stride: int, threshold: float, block: int, chunk_si
 
 
 def select_blocks(q, k, *, stride: int, threshold: float, block_q: int, block_k: int, scale: float, causal: bool,
-                  backend: str, selection: str = "attnzoo", chunk_size=None) -> BlockMask:
-    """XAttention's block mask (B|1, Hq|1, nQB, nKB) for q (B, Hq, N, D), k (B, Hk, M, D)."""
+                  backend: str, selection: str = "attnzoo", chunk_size=None, pack=None) -> BlockMask:
+    """XAttention's block mask (B|1, Hq|1, nQB, nKB) for q (B, Hq, N, D), k (B, Hk, M, D); for a pack,
+    the pack's grid (S, Hq|1, ...), each sequence choosing the blocks it would choose alone."""
+    if selection == "official" and pack is not None:  # its padded chunk grid is each sequence's own
+        keeps = official_select(q, k, stride=stride, threshold=threshold, block=block_q, chunk_size=chunk_size,
+                                scale=scale, causal=causal, backend=backend, pack=pack)
+        return BlockMask.packed([None if keep is None else BlockMask(keep, block_q) for keep in keeps], pack,
+                                q.shape[1])
     if selection == "official":
         keep = official_select(q, k, stride=stride, threshold=threshold, block=block_q, chunk_size=chunk_size,
                                scale=scale, causal=causal, backend=backend)
     else:
         keep = attnzoo_select(q, k, stride=stride, threshold=threshold, block_q=block_q, block_k=block_k, scale=scale,
-                              causal=causal, backend=backend)
+                              causal=causal, backend=backend, pack=pack)
     return BlockMask(keep, (block_q, block_k))
 
 
 def xattention(q, k, v, *, causal: bool, scale: float, backend: str, stride: int = 8, threshold: float = 0.9,
                block_size=128, selection: str = "attnzoo", chunk_size=None, window_size=(-1, -1),
-               softcap: float = 0.0, return_block_mask: bool = False):
+               softcap: float = 0.0, return_block_mask: bool = False, pack=None):
     """XAttention prefill: q (B, Hq, N, D), k (B, Hk, M, D), v (B, Hk, M, Dv) -> out (B, Hq, N, Dv),
     or (out, block_mask) with `return_block_mask`. `stride` (power of two dividing `block_size`) is the
     antidiagonal stride S; `threshold` the fraction of estimated mass each query-block row keeps;
     `selection` "attnzoo" or "official" (the reference code's block choice, which chunks the queries
-    by `chunk_size`, None = the reference's rule from M)."""
+    by `chunk_size`, None = the reference's rule from M). `pack`: the sequences of a packed call, each
+    choosing its own blocks (one estimate launch for selection="attnzoo"; the official rule, whose padded
+    grid is each sequence's own, selects sequence by sequence), then one attention launch."""
     params = xattention_params(stride, threshold, block_size, selection, chunk_size)
     window, softcap = check_window(window_size), check_softcap(softcap)
     return_block_mask = check_bool("return_block_mask", return_block_mask)
     block_mask = select_blocks(q, k, stride=params.stride, threshold=params.threshold, block_q=params.block_q,
                                block_k=params.block_k, scale=scale, causal=causal, backend=backend,
-                               selection=params.selection, chunk_size=params.chunk_size)
+                               selection=params.selection, chunk_size=params.chunk_size, pack=pack)
     out, _ = flash_attention(q, k, v, scale=scale, causal=causal, window_size=window, softcap=softcap,
-                             block_mask=block_mask, backend=backend)
+                             block_mask=block_mask, backend=backend, pack=pack)
     if return_block_mask:
-        return out, windowed_blocks(block_mask, q.shape[2], k.shape[2], causal=causal, window=window)
+        return out, ran_blocks(block_mask, q, k, causal=causal, window=window, pack=pack)
     return out
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ..block_mask import BlockMask, SparseIndex
-from ..geometry import block_geometry, causal_window
+from ..geometry import Pack, block_geometry, causal_window
 from .dispatch import implementation
 
 
@@ -45,16 +45,22 @@ def _index_from(parts: list[torch.Tensor], blocks: list[int]) -> SparseIndex | N
     return SparseIndex(blocks[0], blocks[1], *parts) if parts else None
 
 
+def _seqlens_from(q_starts: list[int], k_starts: list[int]):
+    """A pack's (q_starts, k_starts) as the implementations take it; None (no pack) for empty lists."""
+    return (q_starts, k_starts) if q_starts else None
+
+
 @torch.library.custom_op("attnzoo::flash_forward", mutates_args=())
 def _flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
                    index: list[torch.Tensor], blocks: list[int], scale: float, window: list[int], softcap: float,
-                   impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+                   impl: str, q_starts: list[int], k_starts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     return implementation("flash", impl).flash_fwd(q, k, v, scale=scale, window=tuple(window), softcap=softcap,
-                                                   index=_index_from(index, blocks), bias=bias)
+                                                   index=_index_from(index, blocks), bias=bias,
+                                                   seqlens=_seqlens_from(q_starts, k_starts))
 
 
 @_flash_forward.register_fake
-def _(q, k, v, bias, index, blocks, scale, window, softcap, impl):
+def _(q, k, v, bias, index, blocks, scale, window, softcap, impl, q_starts, k_starts):
     B, Hq, N = q.shape[:3]
     return q.new_empty(B, Hq, N, v.shape[-1]), q.new_empty(B, Hq, N, dtype=torch.float32)
 
@@ -63,41 +69,43 @@ def _(q, k, v, bias, index, blocks, scale, window, softcap, impl):
 def _flash_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                     lse: torch.Tensor, dlse: torch.Tensor | None, bias: torch.Tensor | None,
                     index: list[torch.Tensor], blocks: list[int], scale: float, window: list[int], softcap: float,
-                    impl: str, bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                    impl: str, bias_grad: bool, q_starts: list[int],
+                    k_starts: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dbias); dbias is empty without `bias_grad`."""
     dq, dk, dv, dbias = implementation("flash", impl).flash_bwd(
         do, q, k, v, o, lse, scale=scale, window=tuple(window), softcap=softcap, index=_index_from(index, blocks),
-        dlse=dlse, bias=bias, bias_grad=bias_grad)
+        dlse=dlse, bias=bias, bias_grad=bias_grad, seqlens=_seqlens_from(q_starts, k_starts))
     return dq, dk, dv, (dbias.to(bias.dtype) if bias_grad else q.new_empty(0))
 
 
 @_flash_backward.register_fake
-def _(do, q, k, v, o, lse, dlse, bias, index, blocks, scale, window, softcap, impl, bias_grad):
+def _(do, q, k, v, o, lse, dlse, bias, index, blocks, scale, window, softcap, impl, bias_grad, q_starts, k_starts):
     dbias = torch.empty_like(bias) if bias_grad else q.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
 
 
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, bias, scale, window, softcap, index, impl):
+    def forward(ctx, q, k, v, bias, scale, window, softcap, index, impl, seqlens):
         parts, blocks = _index_parts(index)
-        o, lse = _flash_forward(q, k, v, bias, parts, blocks, scale, list(window), softcap, impl)
+        starts = ([], []) if seqlens is None else tuple(list(x) for x in seqlens)
+        o, lse = _flash_forward(q, k, v, bias, parts, blocks, scale, list(window), softcap, impl, *starts)
         ctx.save_for_backward(q, k, v, o, lse, bias, *parts)
         ctx.set_materialize_grads(False)  # an unused lse brings dlse None, not zeros (the twin's fast path)
-        ctx.args = (impl, scale, list(window), softcap, blocks)
+        ctx.args = (impl, scale, list(window), softcap, blocks, starts)
         return o, lse
 
     @staticmethod
     @once_differentiable  # the backward kernels are not differentiable: a second derivative raises
     def backward(ctx, do, dlse):
         q, k, v, o, lse, bias, *parts = ctx.saved_tensors
-        impl, scale, window, softcap, blocks = ctx.args
+        impl, scale, window, softcap, blocks, starts = ctx.args
         if do is None:
             do = torch.zeros_like(o)
         bias_grad = bias is not None and ctx.needs_input_grad[3]
         dq, dk, dv, dbias = _flash_backward(do, q, k, v, o, lse, dlse, bias, parts, blocks, scale, window, softcap,
-                                            impl, bias_grad)
-        return dq, dk, dv, (dbias if bias_grad else None), None, None, None, None, None
+                                            impl, bias_grad, *starts)
+        return dq, dk, dv, (dbias if bias_grad else None), None, None, None, None, None, None
 
 
 def compact_bias(bias: torch.Tensor) -> torch.Tensor:
@@ -163,7 +171,7 @@ def flash_path(backend: str, *, n: int, m: int, window: tuple[int, int], softcap
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool = False,
                     window_size=(-1, -1), softcap: float = 0.0, block_mask: BlockMask | None = None,
                     bias: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
-                    backend: str = "torch", need_lse: bool = True):
+                    backend: str = "torch", need_lse: bool = True, pack: Pack | None = None):
     """softmax(softcap(scale q k^T) + bias, masked, with sinks) v over the blocks of `block_mask`
     (all blocks if None).
 
@@ -172,29 +180,46 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
     aligned; causal sets the window's right side to 0. `bias`: additive, 4-D, broadcastable to
     (B, Hq, N, M) (read tile by tile; it gets a gradient when it requires one); `sinks`: (Hq,) per-head
     sink logits (`with_sinks`). Inputs are assumed validated (attnzoo.api, attnzoo.validation).
+
+    `pack`: None, or where the sequences of a pack lie (q, k, v of batch 1 holding them end to end,
+    attnzoo.geometry.Pack): each sequence is aligned, windowed and blocked from its own first token;
+    `block_mask` is then (S|1, H|1, nQB, nKB) over the pack's grid (its longest sequences) and `bias`
+    covers the pack (1|., Hq|1, total_q|1, total_k|1). One kernel launch per pass serves the pack.
     """
     n, m = q.shape[2], k.shape[2]
     window = causal_window(causal, window_size)
     path = flash_path(backend, n=n, m=m, window=window, softcap=softcap, sparse=block_mask is not None,
-                      need_lse=need_lse, extras=bias is not None or sinks is not None)
+                      need_lse=need_lse, extras=bias is not None or sinks is not None or pack is not None)
     if path == "sdpa":
         causal_sdpa = _python_bool(window == (-1, 0))
         values = torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0) if causal_sdpa else v
         out = F.scaled_dot_product_attention(q, k, values, is_causal=causal_sdpa, scale=scale,
                                              enable_gqa=_python_bool(q.shape[1] != k.shape[1]))
         return (_poison_seen_values(out, v) if causal_sdpa else out), None
-    index = None if block_mask is None else block_mask.sparse_index(n, m, causal=False, window=window)
+    lengths = (n, m) if pack is None else (pack.q_lengths, pack.k_lengths)
+    index = None if block_mask is None else block_mask.sparse_index(*lengths, causal=False, window=window)
     impl = "triton" if path == "triton" else "torch"
     bias = None if bias is None else compact_bias(bias)
-    out, lse = _FlashAttention.apply(q, k, v, bias, scale, window, softcap, index, impl)
+    seqlens = None if pack is None else (pack.q_starts, pack.k_starts)
+    out, lse = _FlashAttention.apply(q, k, v, bias, scale, window, softcap, index, impl, seqlens)
     return (out, lse) if sinks is None else with_sinks(out, lse, sinks)
 
 
-def windowed_blocks(block_mask: BlockMask, n: int, m: int, *, causal: bool, window: tuple[int, int]) -> BlockMask:
+def windowed_blocks(block_mask: BlockMask, n, m, *, causal: bool, window: tuple[int, int]) -> BlockMask:
     """The blocks of a sparse method's choice that run under a window: those holding a pair the window
-    (and causal) lets through. Without a window, the choice itself."""
+    (and causal) lets through. Without a window, the choice itself. n, m: the lengths, or for a pack the
+    per-sequence lengths (Pack.q_lengths, Pack.k_lengths)."""
     if window == (-1, -1):
         return block_mask
     admissible, _ = block_geometry(n, m, block_mask.block_q, block_mask.block_k, causal=causal, window=window,
                                    device=block_mask.mask.device)
     return BlockMask(block_mask.mask & admissible, block_mask.block_size)
+
+
+def ran_blocks(block_mask: BlockMask, q, k, *, causal: bool, window, pack: Pack | None = None):
+    """What a sparse method's `return_block_mask` returns: the blocks that ran (`windowed_blocks`); for a
+    pack, one mask per sequence (None for a sequence without queries or keys)."""
+    if pack is None:
+        return windowed_blocks(block_mask, q.shape[2], k.shape[2], causal=causal, window=window)
+    ran = windowed_blocks(block_mask, pack.q_lengths, pack.k_lengths, causal=causal, window=window)
+    return ran.per_sequence(pack)

@@ -23,6 +23,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .._env import interpret_tile, triton_interpreting
+from ..geometry import Pack
 from ..validation import check_int, check_tensor
 from .dispatch import implementation
 
@@ -63,24 +64,43 @@ def check_log_gates(name: str, g: torch.Tensor) -> None:
                          "use a large negative value such as -60, not -inf)")
 
 
-def _gate_grad(q, k, dq, dk, final_state, dfinal):
+def check_one_recurrence(pack: Pack | None) -> None:
+    """A pack for linear attention: the queries and keys of every sequence are the same tokens."""
+    if pack is not None and pack.q_starts != pack.k_starts:
+        raise ValueError(f"linear attention runs one recurrence per sequence: a pack needs cu_seqlens_q == "
+                         f"cu_seqlens_k, got {list(pack.q_starts)} and {list(pack.k_starts)}")
+
+
+def _gate_grad(q, k, dq, dk, final_state, dfinal, seqlens=None):
     """dg from dq, dk: everything depends on the cumulative gate G through q_t exp(G_t), k_s exp(-G_s)
     and exp(G_N) on the final state, so dL/dG_t = q_t dq_t - k_t dk_t (+ sum_v S_N dS_N at t = N - 1),
-    and dg_t = sum_{r >= t} dL/dG_r. With GQA the gate is a kv head's: q_t dq_t sums its query heads."""
+    and dg_t = sum_{r >= t} dL/dG_r. With GQA the gate is a kv head's: q_t dq_t sums its query heads.
+    In a pack (`seqlens`, S + 1 offsets) each sequence is its own: its final state enters at its last
+    token, and the sums stop at its end."""
     B, Hk = k.shape[:2]
     dcum = (q.to(dq.dtype) * dq).unflatten(1, (Hk, -1)).sum(2) - k.to(dk.dtype) * dk  # a kv head's query heads
-    dcum[:, :, -1] += (final_state * dfinal).sum(-1)
-    return dcum.flip(2).cumsum(2).flip(2)
+    final_term = (final_state * dfinal).sum(-1)  # (B | S, Hk, K)
+    if seqlens is None:
+        dcum[:, :, -1] += final_term
+        return dcum.flip(2).cumsum(2).flip(2)
+    ends = torch.tensor(seqlens[1:], device=k.device)
+    nonempty = ends > torch.tensor(seqlens[:-1], device=k.device)
+    dcum[0, :, ends[nonempty] - 1] += final_term[nonempty].transpose(0, 1)
+    # sums from t to the end of t's sequence: suffix sums of the pack (in fp64, so that the difference of
+    # two long sums keeps the short one exact) minus the suffix from the next sequence on
+    suffix = torch.nn.functional.pad(dcum.double().flip(2).cumsum(2).flip(2), (0, 0, 0, 1))
+    token_end = torch.repeat_interleave(ends, torch.diff(torch.tensor(seqlens, device=k.device)))
+    return (suffix[:, :, :-1] - suffix[:, :, token_end]).to(dcum.dtype)
 
 
 class _ChunkedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, initial_state, scale, causal, chunk_size, backend):
+    def forward(ctx, q, k, v, g, initial_state, scale, causal, chunk_size, backend, seqlens):
         impl = implementation("linear", backend)
         out, chunk_states, final = impl.chunk_linear_fwd(q, k, v, g, initial_state, scale=scale, causal=causal,
-                                                         chunk_size=chunk_size)
+                                                         chunk_size=chunk_size, seqlens=seqlens)
         ctx.save_for_backward(q, k, v, g, chunk_states, final)
-        ctx.config = dict(scale=scale, causal=causal, chunk_size=chunk_size)
+        ctx.config = dict(scale=scale, causal=causal, chunk_size=chunk_size, seqlens=seqlens)
         ctx.impl = impl
         return out, final
 
@@ -89,9 +109,10 @@ class _ChunkedLinear(torch.autograd.Function):
     def backward(ctx, dout, dfinal):
         q, k, v, g, chunk_states, final = ctx.saved_tensors
         dq, dk, dv, dh0 = ctx.impl.chunk_linear_bwd(q, k, v, g, chunk_states, final, dout, dfinal, **ctx.config)
-        dg = _gate_grad(q, k, dq, dk, final, dfinal).to(g.dtype) if ctx.needs_input_grad[3] else None
+        dg = (_gate_grad(q, k, dq, dk, final, dfinal, ctx.config["seqlens"]).to(g.dtype) if ctx.needs_input_grad[3]
+              else None)
         dh0 = dh0 if ctx.needs_input_grad[4] else None
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, dh0, None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, dh0, None, None, None, None, None
 
 
 def _with_ones_column(v: torch.Tensor) -> torch.Tensor:
@@ -125,13 +146,17 @@ def _normalized(out: torch.Tensor, eps: float) -> torch.Tensor:
 
 def linear_attention(q, k, v, *, scale: float, causal: bool, backend: str, g=None, normalize: bool = False,
                      eps: float = 1e-6, initial_state=None, output_final_state: bool = False,
-                     chunk_size: int | None = None):
+                     chunk_size: int | None = None, pack: Pack | None = None):
     """Chunked linear attention on features q (B, Hq, N, F), k (B, Hk, N, F) and values v (B, Hk, N, V),
     Hq a multiple of Hk (GQA: a kv head's k, v, gate and state serve its Hq / Hk query heads).
 
     g (B, Hk, N, F) log forget gates (causal only); initial_state (B, Hk, F, V) fp32, or (S, z) when
     `normalize`. Returns out (B, H, N, V) in v's dtype, and with `output_final_state` also the final
     state (same form as initial_state). backend is "triton" or "torch".
+
+    `pack`: None, or where the sequences of a pack lie (attnzoo.geometry.Pack, B = 1, the same offsets
+    for queries and keys: fla's cu_seqlens): every sequence starts from its own initial state
+    (S, Hk, F, V) and ends in its own final state; one kernel launch per pass serves the pack.
     """
     if not causal and g is not None:
         raise ValueError("g (a forget gate) needs causal=True: a non-causal sum has no order to decay along")
@@ -141,13 +166,17 @@ def linear_attention(q, k, v, *, scale: float, causal: bool, backend: str, g=Non
         if q.shape[1] != k.shape[1]:
             raise ValueError(f"backend='fla' runs fla's chunk_gla, which takes one k/v head per query head; got "
                              f"{q.shape[1]} query heads and {k.shape[1]} kv heads (use backend='triton' for GQA)")
+        if pack is not None:
+            raise ValueError("backend='fla' takes no packed sequences here; use backend='triton' for a pack")
         return _fla_chunk_gla(q, k, v, g, scale, initial_state, output_final_state)
+    check_one_recurrence(pack)
     gated = g is not None
     chunk_size = default_chunk_size(gated, backend) if chunk_size is None else check_chunk_size(chunk_size)
-    state_shape = (*k.shape[:2], k.shape[-1], v.shape[-1])
-    h0 = _pack_state(initial_state, normalize, state_shape, q)
+    states = k.shape[0] if pack is None else len(pack)  # one state per batch entry / sequence
+    h0 = _pack_state(initial_state, normalize, (states, k.shape[1], k.shape[-1], v.shape[-1]), q)
     values = _with_ones_column(v) if normalize else v
-    out, final = _ChunkedLinear.apply(q, k, values, g, h0, scale, causal, chunk_size, backend)
+    seqlens = None if pack is None else pack.q_starts
+    out, final = _ChunkedLinear.apply(q, k, values, g, h0, scale, causal, chunk_size, backend, seqlens)
     out = (_normalized(out, eps) if normalize else out).to(v.dtype)
     return (out, _unpack_state(final, normalize)) if output_final_state else out
 

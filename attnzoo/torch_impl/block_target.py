@@ -24,8 +24,11 @@ _CHUNK = 2048  # keys per step, rounded to whole key blocks
 
 
 def block_max_probs(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, scale: float, causal: bool,
-                    block_size: int) -> torch.Tensor:
-    """(B, Hq, nQB, nKB) fp32: the largest softmax probability of every (block x block) pair."""
+                    block_size: int, seqlens=None) -> torch.Tensor:
+    """(B, Hq, nQB, nKB) fp32: the largest softmax probability of every (block x block) pair; a pack
+    (`seqlens`, as the kernel's) one sequence at a time, into its corner of (S, Hq, nQB, nKB)."""
+    if seqlens is not None:
+        return _packed_max_probs(q, k, lse, scale=scale, causal=causal, block_size=block_size, seqlens=seqlens)
     B, Hq, N, D = q.shape
     Hk, M = k.shape[1], k.shape[2]
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -56,3 +59,15 @@ def block_max_probs(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, scal
             pooled = p.unflatten(-1, (-1, block_size)).amax(dim=(-3, -1))  # (B, Hk, G, blocks)
             out[..., row, start // block_size:start // block_size + pooled.shape[-1]] = pooled.float()
     return out.reshape(B, Hq, -1, n_kb)
+
+
+def _packed_max_probs(q, k, lse, *, scale, causal, block_size, seqlens):
+    (q_starts, k_starts), longest = seqlens, [max(b - a for a, b in zip(x, x[1:])) for x in seqlens]
+    out = q.new_zeros(len(q_starts) - 1, q.shape[1], geometry.num_blocks(longest[0], block_size),
+                      geometry.num_blocks(longest[1], block_size), dtype=torch.float32)
+    for s, (qa, qb, ka, kb) in enumerate(zip(q_starts, q_starts[1:], k_starts, k_starts[1:])):
+        if qb > qa and kb > ka:
+            probs = block_max_probs(q[:, :, qa:qb], k[:, :, ka:kb], lse[:, :, qa:qb], scale=scale, causal=causal,
+                                    block_size=block_size)
+            out[s, :, :probs.shape[2], :probs.shape[3]] = probs[0]
+    return out

@@ -25,6 +25,7 @@ lse (B, Hq, N) fp32 (-inf for rows that see no key).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -434,9 +435,15 @@ def _query_pieces(call, index, queries, keys, rows, k, v):
     return _listed_query_pieces(call, index, queries, keys, rows, [keys.items(k), keys.items(v)])
 
 
-def flash_fwd(q, k, v, *, scale: float, window=(-1, -1), softcap: float = 0.0, index=None, bias=None):
+def flash_fwd(q, k, v, *, scale: float, window=(-1, -1), softcap: float = 0.0, index=None, bias=None,
+              seqlens=None):
     """o (B, Hq, N, Dv) in q's dtype and lse (B, Hq, N) fp32. `index`: a SparseIndex or None (dense);
-    `bias`: an additive bias (4-D, broadcastable to (B, Hq, N, M)) or None."""
+    `bias`: an additive bias (4-D, broadcastable to (B, Hq, N, M)) or None. `seqlens`: None, or a pack's
+    (q_starts, k_starts) (B = 1; the index has one row per sequence): the twin runs each sequence on
+    its own (`_packed`), so its cost follows the real lengths."""
+    if seqlens is not None:
+        return _packed_fwd(q, k, v, scale=scale, window=window, softcap=softcap, index=index, bias=bias,
+                           seqlens=seqlens)
     call = _call(q, k, v, scale, window, softcap, guarded=_has_nonfinite(k, v))
     out_dtype, acc_dtype = q.dtype, _accum_dtype(q.dtype)
     q, k, v = (x.to(acc_dtype) for x in (q, k, v))
@@ -453,11 +460,14 @@ def flash_fwd(q, k, v, *, scale: float, window=(-1, -1), softcap: float = 0.0, i
 
 
 def flash_bwd(do, q, k, v, o, lse, *, scale: float, window=(-1, -1), softcap: float = 0.0, index=None,
-              dlse=None, bias=None, bias_grad: bool = False):
+              dlse=None, bias=None, bias_grad: bool = False, seqlens=None):
     """Gradients (dq, dk, dv, dbias) given do (and optionally dlse, the gradient of the returned lse),
     recomputing probabilities from the saved lse. d lse / d s = p, so dlse enters as delta - dlse.
     dQ (and the bias gradient, in fp32 and the bias's shape, when `bias_grad`; else None) walks the
-    forward's lists per query item, dK/dV the transposed lists per key item."""
+    forward's lists per query item, dK/dV the transposed lists per key item. `seqlens` as flash_fwd's."""
+    if seqlens is not None:
+        return _packed_bwd(do, q, k, v, o, lse, scale=scale, window=window, softcap=softcap, index=index,
+                           dlse=dlse, bias=bias, bias_grad=bias_grad, seqlens=seqlens)
     call = _call(q, k, v, scale, window, softcap)
     fused = call.fused and dlse is None and not bias_grad
     acc_dtype = _accum_dtype(q.dtype)
@@ -496,3 +506,68 @@ def _piece_grads(piece: _Piece, bias: _Bias | None, call: _Call, fused: bool):
     q, do, o, lse, delta = piece.rows
     bias_tile = None if bias is None else bias.tile(piece.where)
     return _attend_backward(q, do, o, lse[..., 0], delta[..., 0], *piece.keys, piece.keep, bias_tile, call, fused)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Packs: one sequence at a time, on views (the kernel runs them in one launch, through its tile table)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _sequences(seqlens):
+    """(sequence, its query rows, its key rows) for every sequence of a pack that has queries and keys
+    (a sequence without keys keeps the zero output, the -inf lse and the zero gradients it starts with)."""
+    q_starts, k_starts = seqlens
+    for s in range(len(q_starts) - 1):
+        rows, keys = slice(q_starts[s], q_starts[s + 1]), slice(k_starts[s], k_starts[s + 1])
+        if rows.stop > rows.start and keys.stop > keys.start:
+            yield s, rows, keys
+
+
+def _sequence_index(index, s: int, n: int, m: int):
+    """Sequence s's SparseIndex: its row of the pack's lists (or the shared one), cut to its own grid."""
+    if index is None:
+        return None
+    seq = slice(s, s + 1) if index.kv_count_full.shape[0] > 1 else slice(0, 1)
+    n_qb, n_kb = geometry.num_blocks(n, index.block_q), geometry.num_blocks(m, index.block_k)
+    counts = {"kv": n_qb, "q": n_kb}
+    widths = {"kv": n_kb, "q": n_qb}
+    cut = {}
+    for side in ("kv", "q"):
+        for kind in ("full", "part"):
+            cut[f"{side}_count_{kind}"] = getattr(index, f"{side}_count_{kind}")[seq, :, :counts[side]]
+            cut[f"{side}_index_{kind}"] = getattr(index, f"{side}_index_{kind}")[seq, :, :counts[side], :widths[side]]
+    return dataclasses.replace(index, **cut)
+
+
+def _sequence_bias(bias, rows: slice, keys: slice):
+    """Sequence s's block of a pack's bias (1|., Hq|1, total_q|1, total_k|1): its rows and keys, broadcast
+    dimensions kept."""
+    if bias is None:
+        return None
+    return bias[:, :, rows if bias.shape[2] > 1 else slice(None), keys if bias.shape[3] > 1 else slice(None)]
+
+
+def _packed_fwd(q, k, v, *, scale, window, softcap, index, bias, seqlens):
+    o = q.new_zeros(*q.shape[:3], v.shape[-1])
+    lse = torch.full(q.shape[:3], -math.inf, dtype=torch.float32, device=q.device)
+    for s, rows, keys in _sequences(seqlens):
+        o[:, :, rows], lse[:, :, rows] = flash_fwd(
+            q[:, :, rows], k[:, :, keys], v[:, :, keys], scale=scale, window=window, softcap=softcap,
+            index=_sequence_index(index, s, rows.stop - rows.start, keys.stop - keys.start),
+            bias=_sequence_bias(bias, rows, keys))
+    return o, lse
+
+
+def _packed_bwd(do, q, k, v, o, lse, *, scale, window, softcap, index, dlse, bias, bias_grad, seqlens):
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dbias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if bias_grad else None
+    for s, rows, keys in _sequences(seqlens):
+        dq[:, :, rows], dk[:, :, keys], dv[:, :, keys], dbias_s = flash_bwd(
+            do[:, :, rows], q[:, :, rows], k[:, :, keys], v[:, :, keys], o[:, :, rows], lse[:, :, rows],
+            scale=scale, window=window, softcap=softcap,
+            index=_sequence_index(index, s, rows.stop - rows.start, keys.stop - keys.start),
+            dlse=None if dlse is None else dlse[:, :, rows], bias=_sequence_bias(bias, rows, keys),
+            bias_grad=bias_grad)
+        if bias_grad:
+            _sequence_bias(dbias, rows, keys).add_(dbias_s)
+    return dq, dk, dv, dbias

@@ -71,9 +71,14 @@ def _ungrouped(x: torch.Tensor | None, batch: int) -> torch.Tensor | None:
     return None if x is None else x.reshape(batch, -1, *x.shape[2:])
 
 
-def chunk_linear_fwd(q, k, v, g, initial_state, *, scale: float, causal: bool, chunk_size: int):
+def chunk_linear_fwd(q, k, v, g, initial_state, *, scale: float, causal: bool, chunk_size: int, seqlens=None):
     """Returns out (B, Hq, N, V) in the accumulation dtype, chunk_states (B, Hk, NT, K, V) (None when
-    non-causal: every chunk reads the final state) and the final state (B, Hk, K, V)."""
+    non-causal: every chunk reads the final state) and the final state (B, Hk, K, V). `seqlens`: None,
+    or a pack's S + 1 token offsets (B = 1): each sequence runs on its own (`_packed_fwd`), with
+    initial and final states (S, Hk, K, V) and its chunks' states one after the other."""
+    if seqlens is not None:
+        return _packed_fwd(q, k, v, g, initial_state, scale=scale, causal=causal, chunk_size=chunk_size,
+                           seqlens=seqlens)
     B, Hk = k.shape[:2]
     acc = _accum_dtype(q.dtype)
     q = _grouped(q.to(acc), Hk)
@@ -114,10 +119,13 @@ def _forward(q, k, v, g, state, scale, causal, chunk_size):
 
 
 def chunk_linear_bwd(q, k, v, g, chunk_states, final_state, do, dfinal, *, scale: float, causal: bool,
-                     chunk_size: int):
+                     chunk_size: int, seqlens=None):
     """Gradients (dq (B, Hq, N, K), dk, dv, dh0 (per kv head)) of `chunk_linear_fwd` given do
     (B, Hq, N, V) and dfinal (B, Hk, K, V) or None. dh0 is the gradient of the initial state; dg is
-    derived from dq and dk by the caller."""
+    derived from dq and dk by the caller. `seqlens` as chunk_linear_fwd's."""
+    if seqlens is not None:
+        return _packed_bwd(q, k, v, g, chunk_states, final_state, do, dfinal, scale=scale, causal=causal,
+                           chunk_size=chunk_size, seqlens=seqlens)
     B, Hk = k.shape[:2]
     acc = _accum_dtype(q.dtype)
     q, do = (_grouped(x.to(acc), Hk) for x in (q, do))
@@ -161,3 +169,50 @@ def _backward(q, k, v, g, chunk_states, final_state, do, dfinal, scale, causal, 
             dstate = last.exp()[..., None] * dstate
         dstate = dstate + scale * ((q_n * q_decay).transpose(-1, -2) @ do_n).sum(1, keepdim=True)
     return dq[:, :, :N], dk[:, :, :N], dv[:, :, :N], dstate
+
+
+# ---------------------------------------------------------------------------------------------------
+# Packs: one sequence at a time, on views (the kernels run them in one launch per pass)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _pieces(seqlens, chunk_size: int):
+    """(sequence, its tokens, its chunks in the pack's chunk states) of every sequence of a pack."""
+    first_chunk = 0
+    for s, (start, stop) in enumerate(zip(seqlens, seqlens[1:])):
+        chunks = -(-(stop - start) // chunk_size)
+        yield s, slice(start, stop), slice(first_chunk, first_chunk + chunks)
+        first_chunk += chunks
+
+
+def _packed_fwd(q, k, v, g, initial_state, *, scale, causal, chunk_size, seqlens):
+    acc = _accum_dtype(q.dtype)
+    S, Hk, K, V = len(seqlens) - 1, k.shape[1], k.shape[-1], v.shape[-1]
+    n_chunks = sum(-(-(b - a) // chunk_size) for a, b in zip(seqlens, seqlens[1:]))
+    out = q.new_zeros(*q.shape[:3], V, dtype=acc)
+    chunk_states = q.new_zeros(1, Hk, n_chunks, K, V, dtype=acc) if causal else None
+    final = q.new_zeros(S, Hk, K, V, dtype=acc) if initial_state is None else initial_state.to(acc).clone()
+    for s, tokens, chunks in _pieces(seqlens, chunk_size):
+        if tokens.stop == tokens.start:
+            continue
+        state = None if initial_state is None else initial_state[s:s + 1]
+        out[:, :, tokens], states_s, final[s:s + 1] = chunk_linear_fwd(
+            q[:, :, tokens], k[:, :, tokens], v[:, :, tokens], None if g is None else g[:, :, tokens], state,
+            scale=scale, causal=causal, chunk_size=chunk_size)
+        if causal:
+            chunk_states[:, :, chunks] = states_s
+    return out, chunk_states, final
+
+
+def _packed_bwd(q, k, v, g, chunk_states, final_state, do, dfinal, *, scale, causal, chunk_size, seqlens):
+    acc = _accum_dtype(q.dtype)
+    dq, dk, dv = (x.new_zeros(x.shape, dtype=acc) for x in (q, k, v))
+    dh0 = torch.zeros_like(final_state, dtype=acc) if dfinal is None else dfinal.to(acc).clone()
+    for s, tokens, chunks in _pieces(seqlens, chunk_size):
+        if tokens.stop == tokens.start:
+            continue
+        dq[:, :, tokens], dk[:, :, tokens], dv[:, :, tokens], dh0[s:s + 1] = chunk_linear_bwd(
+            q[:, :, tokens], k[:, :, tokens], v[:, :, tokens], None if g is None else g[:, :, tokens],
+            chunk_states[:, :, chunks] if causal else None, final_state[s:s + 1], do[:, :, tokens],
+            None if dfinal is None else dfinal[s:s + 1], scale=scale, causal=causal, chunk_size=chunk_size)
+    return dq, dk, dv, dh0

@@ -43,8 +43,12 @@ def _chunks(count: int, per_chunk: int) -> list[tuple[int, int]]:
 
 
 def antidiagonal_block_scores(q: torch.Tensor, k: torch.Tensor, *, stride: int, block_q: int, block_k: int,
-                              scale: float, causal: bool) -> torch.Tensor:
-    """q (B, Hq, N, D), k (B, Hk, M, D) -> block scores (B, Hq, nQB, nKB) fp32 (see the Triton kernel)."""
+                              scale: float, causal: bool, seqlens=None) -> torch.Tensor:
+    """q (B, Hq, N, D), k (B, Hk, M, D) -> block scores (B, Hq, nQB, nKB) fp32 (see the Triton kernel);
+    a pack (`seqlens`, as the kernel's) one sequence at a time, into its corner of (S, Hq, nQB, nKB)."""
+    if seqlens is not None:
+        return _packed_scores(q, k, stride=stride, block_q=block_q, block_k=block_k, scale=scale, causal=causal,
+                              seqlens=seqlens)
     Hq, N = q.shape[1], q.shape[2]
     Hk, M = k.shape[1], k.shape[2]
     n_qb, n_kb = -(-N // block_q), -(-M // block_k)
@@ -66,3 +70,15 @@ def antidiagonal_block_scores(q: torch.Tensor, k: torch.Tensor, *, stride: int, 
         block_sums = probs.unflatten(-1, (seen_kb, groups_k)).sum(-1).unflatten(-2, (-1, groups_q)).sum(-2)
         scores.append(torch.nn.functional.pad(block_sums, (0, n_kb - seen_kb)))  # unseen key blocks score 0
     return torch.cat(scores, dim=-2).flatten(1, 2)  # (B, Hq, nQB, nKB)
+
+
+def _packed_scores(q, k, *, stride, block_q, block_k, scale, causal, seqlens):
+    (q_starts, k_starts), longest = seqlens, [max(b - a for a, b in zip(x, x[1:])) for x in seqlens]
+    out = q.new_zeros(len(q_starts) - 1, q.shape[1], -(-longest[0] // block_q), -(-longest[1] // block_k),
+                      dtype=torch.float32)
+    for s, (qa, qb, ka, kb) in enumerate(zip(q_starts, q_starts[1:], k_starts, k_starts[1:])):
+        if qb > qa and kb > ka:
+            scores = antidiagonal_block_scores(q[:, :, qa:qb], k[:, :, ka:kb], stride=stride, block_q=block_q,
+                                               block_k=block_k, scale=scale, causal=causal)
+            out[s, :, :scores.shape[2], :scores.shape[3]] = scores[0]
+    return out
