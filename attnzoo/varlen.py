@@ -7,12 +7,15 @@ convention). Each sequence is computed exactly as if it were called alone: causa
 block grids (restarting at its first token), block choice, linear-attention state (reset at every
 boundary).
 
-How it runs (docs/varlen.md): one call of the method per non-empty sequence, on views of the pack, the
-outputs written back into one packed tensor; so the cost follows the real lengths, not the longest one.
-A sequence with no query token contributes nothing; one with queries but no key outputs zeros (lse -inf,
-or its sink logit), as any query row that sees no key does.
+How it runs (docs/varlen.md): every method takes the whole pack in one call (its function has a `pack`
+keyword, an attnzoo.geometry.Pack; `runs_whole`), and its kernels serve every sequence in one launch per
+pass. `packed` is the fallback, one call of the method per sequence on views of the pack: for a method
+function without `pack`, and for a pack in which no sequence has both queries and keys. A sequence with
+no query token contributes nothing; one with queries but no key outputs zeros (lse -inf, or its sink
+logit), as any query row that sees no key does.
 
-Call-time inputs follow the sequences they belong to (`split_input`): per-token tensors (gates, bias
+Call-time inputs follow the sequences they belong to (a whole-pack call reads them so; the fallback cuts
+them with `split_input`): per-token tensors (gates, bias
 factors, WERSA gains, a full bias) are cut along their token dimension, per-sequence ones (a linear
 method's `initial_state` (S, Hk, D, Dv)) are indexed by s, block grids (block_sparse's `block_mask`,
 seerattention's gate scores, (S, H|1, ceil(max_seqlen_q / bq), ceil(max_seqlen_k / bk))) give each

@@ -8,8 +8,9 @@
 #    the dense kernel vs SDPA-flash (and flash-attn if importable) at N = 4k/8k/16k, D = 64/128, causal
 #    and not, plus block_sparse (density 0.5) -> bench.csv, bench.json;
 # 3. block_sparse at densities 0.1 / 0.25 / 0.5 vs dense (triton.testing.do_bench) -> block_sparse_density.csv;
+# 4. packed sequences vs padding and vs a loop over sequences (benchmarks/varlen.py) -> varlen.csv;
 # plus env.txt (GPU, driver, versions) and the logs. Each step has its own time limit (STEP1_S,
-# STEP2_S, STEP3_S seconds) so that the whole run stays under 8 minutes; a step that runs out is
+# STEP2_S, STEP3_S, STEP4_S seconds) so that the whole run stays under 8 minutes; a step that runs out is
 # reported in the log and the next one starts. Extra arguments go to `attnzoo bench`.
 # CONFIG=benchmarks/configs/gpu_full.yaml (with larger STEP2_S) runs the long sweep instead.
 set -uo pipefail
@@ -108,5 +109,8 @@ for n in (8192, 16384):
             w.writeheader()
             w.writerows(rows)
 PY
+
+# 4. packed sequences (one launch per pass) vs padding vs one call per sequence -> varlen.csv, varlen.json
+step varlen "${STEP4_S:-90}" python benchmarks/varlen.py --device cuda --dtype bfloat16 --reps 5 --out "${out}"
 
 echo "run_gpu_sweep: done in $(( $(date +%s) - start )) s -> ${out}" | tee -a "${out}/steps.txt"

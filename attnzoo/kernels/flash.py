@@ -33,6 +33,12 @@ and index pointers), MASKED, then the same context for every call of the pass.
 
 Shapes at the boundary: q (B, Hq, N, D), k (B, Hk, M, D), v (B, Hk, M, Dv), any strides;
 o (B, Hq, N, Dv) in q's dtype; lse and delta (B, Hq, N) fp32 contiguous. Offsets are 64-bit.
+
+Packs (VARLEN; docs/varlen.md): B = 1 and the sequences lie end to end. Each program first finds its
+sequence and tile in a precomputed tile table (`_tile_of`), moves its q / k / v / o / lse / bias
+pointers to the sequence's first row and key, and from then on runs as a batch program on that
+sequence's N_s x M_s (bottom-right alignment, windows and block grids per sequence); the sparse index
+has one row of lists per sequence. One launch per pass serves every sequence.
 """
 
 from __future__ import annotations

@@ -11,12 +11,17 @@ Gam_j - Gam_i <= 0 taken in log space, never a ratio of products. With a gate th
 are an element-wise (BT, BT, BK) tile in fp32; without one they are a tl.dot. Non-causal calls read
 the final state for every chunk (PER_CHUNK off), skip the intra-chunk term and store no per-chunk states.
 
-Kernels (constexpr switches GATED, CAUSAL, STORE_CHUNKS, HAS_INITIAL, HAS_DFINAL; one kernel per role):
+Kernels (constexpr switches GATED, CAUSAL, STORE_CHUNKS, HAS_INITIAL, HAS_DFINAL, VARLEN; one kernel per
+role):
     _states_fwd   grid (K/BK, V/BV, B*Hk)  h_n for every chunk and the final state
     _output_fwd   grid (V/BV, NT, B*Hq)    o
     _states_bwd   grid (K/BK, V/BV, B*Hk)  dh_n (gradient of the state after chunk n) and dh0
     _dqk_bwd      grid (K/BK, NT, B*Hk)    dq, dk
     _dv_bwd       grid (V/BV, NT, B*Hk)    dv
+A pack (VARLEN, fla's cu_seqlens; B = 1, the sequences end to end) runs the state passes over S*Hk
+programs, one per (sequence, head), each starting from its sequence's own state, and the chunk passes
+over every sequence's chunks (NT = their total), each program finding its (sequence, chunk) in a
+chunk table (`_chunk_program`); every tile is addressed from its sequence's first row (`_sequence`).
 GQA by index arithmetic: k, v, g and the states are per kv head, q, dout, o and dq per query head; the
 G = Hq / Hk query heads of kv head `kv` are kv * G + member (flattened (B, H) rows), so query row bh
 reads kv row bh // G. Programs of a kv head loop over its G query heads: no k or v is repeated and
@@ -26,7 +31,8 @@ Causal isolation: inside a chunk o = A v with A lower triangular; a masked A[j, 
 v_i would still be NaN, so the intra-chunk product takes non-finite values as 0 and sets to NaN the
 (row, column) entries at or after them (_intra_values): what the recurrence gives.
 
-All tensors are contiguous (B, H, N, D) or (B, H, NT, K, V); launchers make them so.
+All tensors are contiguous (B, H, N, D) or (B, H, NT, K, V), final states (B | S, H, K, V); launchers make
+them so.
 """
 
 from __future__ import annotations
@@ -135,14 +141,21 @@ def _sequence_head(pid, H, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _chunk_of(pid, CHUNKS, VARLEN: tl.constexpr):
-    """The chunk passes' grid axis 1 -> (sequence, chunk within it): a pack's chunk table CHUNKS
-    (total chunks, 2) int32; a batch's chunk pid of its one sequence."""
+def _chunk_program(pid_chunk, kv, CU, CHUNK_STARTS, CHUNKS, N, NT, HK, CAUSAL: tl.constexpr, VARLEN: tl.constexpr):
+    """A chunk pass's program (grid axis 1 = pid_chunk, kv head kv): (its chunk n within its sequence, the
+    sequence's first row and rows, the state it reads: kv's state before chunk n when causal, else its
+    sequence's final state). A batch's chunk is pid_chunk of its one sequence; a pack's comes from its
+    chunk table CHUNKS (total chunks, 2) int32 of (sequence, chunk within it)."""
     if VARLEN:
-        seq, chunk = tl.load(CHUNKS + 2 * pid), tl.load(CHUNKS + 2 * pid + 1)
+        seq, n = tl.load(CHUNKS + 2 * pid_chunk), tl.load(CHUNKS + 2 * pid_chunk + 1)
     else:
-        seq, chunk = 0, pid
-    return seq, chunk
+        seq, n = 0, pid_chunk
+    first_row, rows, first_chunk, _chunks = _sequence(seq, CU, CHUNK_STARTS, N, NT, VARLEN)
+    if CAUSAL:
+        state = kv * NT + first_chunk + n
+    else:
+        state = seq * HK + kv
+    return n, first_row, rows, state
 
 
 @triton.jit
@@ -225,10 +238,9 @@ def _output_fwd(q, k, v, g, states, out, CU, CHUNK_STARTS, CHUNKS, scale, N, K, 
     # states (BHk, NT, K, V) fp32 [causal] or (SHk, K, V) final states [non-causal] -> out (BHq, N, V) fp32
     i_v, pid_chunk, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     kv = bh // G
-    seq, n = _chunk_of(pid_chunk, CHUNKS, VARLEN)
-    first_row, rows_in_seq, first_chunk, _chunks = _sequence(seq, CU, CHUNK_STARTS, N, NT, VARLEN)
+    n, first_row, rows_in_seq, state = _chunk_program(pid_chunk, kv, CU, CHUNK_STARTS, CHUNKS, N, NT, HK, CAUSAL,
+                                                      VARLEN)
     q_first, kv_first = bh * N + first_row, kv * N + first_row
-    state = kv * NT + first_chunk + n if CAUSAL else seq * HK + kv  # the state this chunk reads
     vals, t = i_v * BV + tl.arange(0, BV), tl.arange(0, BT)
     ELEM: tl.constexpr = q.dtype.element_ty
     rows = n * BT + t
@@ -297,10 +309,9 @@ def _dqk_bwd(q, k, v, g, states, dstates, dout, dq, dk, CU, CHUNK_STARTS, CHUNKS
     # -> dq (BHq, N, K), dk (BHk, N, K) fp32. One program per kv head: dq of each of its G query heads,
     # and dk summed over them.
     i_k, pid_chunk, kv = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    seq, n = _chunk_of(pid_chunk, CHUNKS, VARLEN)
-    first_row, rows_in_seq, first_chunk, _chunks = _sequence(seq, CU, CHUNK_STARTS, N, NT, VARLEN)
+    n, first_row, rows_in_seq, state = _chunk_program(pid_chunk, kv, CU, CHUNK_STARTS, CHUNKS, N, NT, HK, CAUSAL,
+                                                      VARLEN)
     kv_first = kv * N + first_row
-    state = kv * NT + first_chunk + n if CAUSAL else seq * HK + kv
     keys, t = i_k * BK + tl.arange(0, BK), tl.arange(0, BT)
     ELEM: tl.constexpr = q.dtype.element_ty
     rows = n * BT + t
@@ -349,10 +360,9 @@ def _dv_bwd(q, k, g, dstates, dout, dv, CU, CHUNK_STARTS, CHUNKS, scale, N, K, V
     # q, dout (BHq, N, .), k (BHk, N, K), g (BHk, N, K) | None; dstates (BHk, NT, K, V) fp32 [causal] or
     # dh0 (SHk, K, V) [non-causal] -> dv (BHk, N, V) fp32, summed over the kv head's G query heads
     i_v, pid_chunk, kv = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    seq, n = _chunk_of(pid_chunk, CHUNKS, VARLEN)
-    first_row, rows_in_seq, first_chunk, _chunks = _sequence(seq, CU, CHUNK_STARTS, N, NT, VARLEN)
+    n, first_row, rows_in_seq, state = _chunk_program(pid_chunk, kv, CU, CHUNK_STARTS, CHUNKS, N, NT, HK, CAUSAL,
+                                                      VARLEN)
     kv_first = kv * N + first_row
-    state = kv * NT + first_chunk + n if CAUSAL else seq * HK + kv
     vals, t = i_v * BV + tl.arange(0, BV), tl.arange(0, BT)
     ELEM: tl.constexpr = q.dtype.element_ty
     rows = n * BT + t
