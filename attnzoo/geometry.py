@@ -80,7 +80,7 @@ def block_geometry(n, m, block_q: int, block_k: int, *, causal: bool = False,
     For a pack of S sequences, n and m are the per-sequence lengths (sequences of ints) and both are
     (S, 1, nQB, nKB) over the pack's grid (its longest sequences): each sequence's blocks from its own
     first token, blocks past its end neither visible nor full."""
-    if isinstance(n, int):
+    if not isinstance(n, (tuple, list)):
         return tuple(x[0, 0] for x in _grid_geometry(n, m, num_blocks(n, block_q), num_blocks(m, block_k),
                                                     block_q, block_k, causal_window(causal, window), device))
     n_t = torch.tensor(n, device=device)[:, None, None, None]
@@ -114,7 +114,7 @@ def diagonal_key_block(n, m, block_q: int, block_k: int, *, device=None) -> torc
     """int64 (nQB,): the key block holding the last key that the last query of each query block may
     see under causal alignment (negative when that query sees no key). For a pack (n, m the
     per-sequence lengths): (S, 1, nQB) over the longest sequences' grid."""
-    if isinstance(n, int):
+    if not isinstance(n, (tuple, list)):
         return _diagonal_key_block(n, m, num_blocks(n, block_q), block_q, block_k, device)
     n_t = torch.tensor(n, device=device)[:, None, None]
     m_t = torch.tensor(m, device=device)[:, None, None]

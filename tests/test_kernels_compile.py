@@ -117,3 +117,14 @@ def test_tma_forward_matches_on_a_block_sparse_index(monkeypatch):
     run = attnzoo.get("block_sparse")
     o0, o1 = _both_ways(monkeypatch, lambda: run(q, k, v, causal=True, block_mask=mask, backend="triton"))
     assert torch.equal(o0, o1)
+
+
+def test_tma_forward_matches_on_a_pack(monkeypatch):
+    """The descriptors of a pack's program start at its sequence's first row and end at its last."""
+    gen = torch.Generator().manual_seed(2)
+    q_starts, k_starts = [0, 21, 21, 60], [0, 9, 30, 47]
+    q = torch.randn(1, 2, q_starts[-1], 16, generator=gen).half()
+    k, v = (torch.randn(1, 1, k_starts[-1], 16, generator=gen).half() for _ in range(2))
+    (o0, l0), (o1, l1) = _both_ways(monkeypatch, lambda: flash.flash_fwd(q, k, v, scale=0.3, window=(-1, 0),
+                                                                         seqlens=(q_starts, k_starts)))
+    assert torch.equal(o0, o1) and torch.equal(l0, l1)

@@ -385,3 +385,33 @@ def test_cuda_bf16_pack_equals_its_sequences(name):
         grads = torch.autograd.grad((alone * weights[:, :, a:b]).sum(), views)
         for packed_grad, grad in zip(packed_grads, grads):
             torch.testing.assert_close(packed_grad[:, :, a:b].float(), grad.float(), rtol=5e-2, atol=5e-2)
+
+
+def test_a_registered_method_without_pack_runs_one_sequence_at_a_time():
+    """A third-party function that takes no `pack` gets each sequence on its own, its per-token inputs
+    cut to the sequence (`g`: (1, H, total)); an input the split does not know is refused by name; a
+    pack in which no sequence has both queries and keys outputs zeros without a call."""
+    seen = []
+
+    def gated_sdpa(q, k, v, *, causal, scale, backend, g=None, extra=None):
+        seen.append(q.shape[2])
+        return F.scaled_dot_product_attention(q, k, v, scale=scale) * g[..., None]
+
+    attnzoo.register("varlen_probe", gated_sdpa, family="exact", inputs=("g", "extra"), supports={"causal": False})
+    try:
+        fn = attnzoo.get("varlen_probe")
+        lengths = [5, 0, 11]
+        q, k, v, offsets = pack_of(lengths, lengths, 2, 2, torch.Generator().manual_seed(0))
+        g = torch.rand(1, 2, sum(lengths))
+        out = fn(q, k, v, g=g, **offsets)
+        assert seen == [5, 11]
+        for a, b in ((0, 5), (5, 16)):
+            want = F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b]) * g[:, :, a:b, None]
+            torch.testing.assert_close(out[:, :, a:b], want)
+        with pytest.raises(ValueError, match="does not know how to split 'extra'"):
+            fn(q, k, v, g=g, extra=torch.ones(3), **offsets)
+        empty = fn(q[:, :, :4], k[:, :, :0], v[:, :, :0], g=g[:, :, :0], cu_seqlens_q=cu_seqlens([4, 0]),
+                   cu_seqlens_k=cu_seqlens([0, 0]))
+        assert torch.equal(empty, torch.zeros(1, 2, 4, D)) and seen == [5, 11]
+    finally:
+        attnzoo.registry.REGISTRY._entries().pop("varlen_probe")

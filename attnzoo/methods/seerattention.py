@@ -133,8 +133,10 @@ def select_blocks(scores: torch.Tensor, n, m, *, block_size: int, causal: bool, 
     keep = keep | diagonal_blocks(n, m, block_size, causal=causal, device=scores.device)
     if last_blocks_dense > 0:  # the last rows of each sequence's own grid
         rows = torch.arange(keep.shape[-2], device=scores.device)[:, None]
-        n_qb = num_blocks(n, block_size) if isinstance(n, int) else \
-            torch.tensor([num_blocks(x, block_size) for x in n], device=scores.device)[:, None, None, None]
+        if isinstance(n, (tuple, list)):
+            n_qb = torch.tensor([num_blocks(x, block_size) for x in n], device=scores.device)[:, None, None, None]
+        else:
+            n_qb = num_blocks(n, block_size)
         keep = keep | (rows >= n_qb - last_blocks_dense)
     return keep & admissible
 
@@ -157,7 +159,7 @@ def diagonal_blocks(n, m, block_size: int, *, causal: bool, device=None) -> torc
     block's diagonal keys are consecutive, so its blocks are one run; built from shapes alone (no
     data-dependent indexing: it runs on the meta device and under torch.compile). For a pack (n, m the
     per-sequence lengths): (S, 1, nQB, nKB) over the longest sequences' grid."""
-    if isinstance(n, int):
+    if not isinstance(n, (tuple, list)):
         return _diagonal_blocks(n, m, num_blocks(n, block_size), num_blocks(m, block_size), block_size, causal,
                                 device)
     n_t, m_t = (torch.tensor(x, device=device)[:, None, None, None] for x in (n, m))
