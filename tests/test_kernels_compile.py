@@ -27,7 +27,6 @@ VARIANTS = [  # together they cover every constexpr branch: each kernel dense (s
     ("_flash_dq_kernel", "*fp16", False, True, False, False, (64, 64), 64, 80, False, True),  # bias + its grad
     ("_flash_dkdv_kernel", "*bf16", False, False, True, False, (64, 64), 128, 90, False, True),  # bias
     ("_flash_fwd_kernel", "*bf16", True, True, False, False, (128, 64), 128, 90, True, False, True),  # pack, TMA
-    ("_flash_dq_kernel", "*fp16", False, True, True, False, (64, 64), 64, 80, False, True, True),  # pack, bias
     ("_flash_dkdv_kernel", "*bf16", True, True, False, True, (64, 128), 128, 90, False, False, True),  # pack
 ]
 PACK_POINTERS = ("TILES", "TILE_BASE", "CU_Q", "CU_K")

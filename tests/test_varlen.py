@@ -41,6 +41,11 @@ def cu_seqlens(lengths: list[int]) -> torch.Tensor:
     return torch.tensor([0, *torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist()], dtype=torch.int32)
 
 
+def qk_dim(name: str) -> int:
+    """The q / k head dim of a case: BASED's Taylor features grow as D^2 / 2, so it gets 8 (45 features)."""
+    return 8 if name == "based" else D
+
+
 def shared_inputs(name: str, hq: int, hk: int, gen) -> dict:
     """Per-head inputs every sequence of a pack shares (lawcat's causal conv kernels)."""
     if name == "lawcat":
@@ -50,8 +55,9 @@ def shared_inputs(name: str, hq: int, hk: int, gen) -> dict:
 
 def sequence_inputs(name: str, n: int, m: int, hq: int, hk: int, gen) -> dict:
     """One sequence's q, k, v and its call-time inputs, (1, H, n | m, ...)."""
-    q = torch.randn(1, hq, n, D, generator=gen)
-    k, v = (torch.randn(1, hk, m, D, generator=gen) for _ in range(2))
+    q = torch.randn(1, hq, n, qk_dim(name), generator=gen)
+    k = torch.randn(1, hk, m, qk_dim(name), generator=gen)
+    v = torch.randn(1, hk, m, D, generator=gen)
     own = {"q": q, "k": k, "v": v}
     if name == "dense":
         own["bias"] = torch.randn(1, hq, n, m, generator=gen)
@@ -267,9 +273,10 @@ def test_a_batched_pack_and_sparsed_cache_are_refused():
 # one launch for the whole pack, and the method variants the property test above does not draw
 
 
-def pack_of(lengths_q: list[int], lengths_k: list[int], hq: int, hk: int, gen):
-    q = torch.randn(1, hq, sum(lengths_q), D, generator=gen, requires_grad=True)
-    k, v = (torch.randn(1, hk, sum(lengths_k), D, generator=gen, requires_grad=True) for _ in range(2))
+def pack_of(lengths_q: list[int], lengths_k: list[int], hq: int, hk: int, gen, dim: int = D):
+    q = torch.randn(1, hq, sum(lengths_q), dim, generator=gen, requires_grad=True)
+    k = torch.randn(1, hk, sum(lengths_k), dim, generator=gen, requires_grad=True)
+    v = torch.randn(1, hk, sum(lengths_k), D, generator=gen, requires_grad=True)
     return q, k, v, {"cu_seqlens_q": cu_seqlens(lengths_q), "cu_seqlens_k": cu_seqlens(lengths_k)}
 
 
@@ -299,7 +306,7 @@ def test_a_pack_runs_in_launches_independent_of_its_sequence_count(name, launche
         sequences = [sequence_inputs(name, n, m, 2, 1, gen) for n, m in zip(q_lengths, k_lengths)]
         inputs = {key: value for key, value in pack(name, sequences, q_lengths, k_lengths).items()
                   if key not in ("q", "k", "v")}
-        q, k, v, offsets = pack_of(q_lengths, k_lengths, 2, 1, gen)
+        q, k, v, offsets = pack_of(q_lengths, k_lengths, 2, 1, gen, qk_dim(name))
         launches.clear()
         out = call(name, {"q": q, "k": k, "v": v, **inputs}, causal=causal, backend="triton", **offsets)
         if info.supports.backward:

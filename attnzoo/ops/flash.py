@@ -127,6 +127,15 @@ def with_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor):
     return out * torch.exp(lse - total)[..., None].to(out.dtype), total
 
 
+def _sdpa(q, k, v, scale: float, window: tuple[int, int]) -> torch.Tensor:
+    """torch's fused SDPA for a call `flash_path` gave it (causal only when N == M)."""
+    causal_sdpa = _python_bool(window == (-1, 0))
+    values = torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0) if causal_sdpa else v
+    out = F.scaled_dot_product_attention(q, k, values, is_causal=causal_sdpa, scale=scale,
+                                         enable_gqa=_python_bool(q.shape[1] != k.shape[1]))
+    return _poison_seen_values(out, v) if causal_sdpa else out
+
+
 def _python_bool(flag) -> bool:
     """flag as a Python bool. Under torch.compile with dynamic shapes a comparison of sizes is a SymBool,
     which SDPA's bool arguments refuse; branching on it specialises it instead (a guard, no graph break)."""
@@ -154,10 +163,11 @@ def max_head_dim(backend: str) -> int | None:
     return 256 if backend == "triton" else None
 
 
-def flash_path(backend: str, *, n: int, m: int, window: tuple[int, int], softcap: float, sparse: bool,
+def flash_path(backend: str, *, n, m, window: tuple[int, int], softcap: float, sparse: bool,
                need_lse: bool, extras: bool = False) -> str:
     """Which implementation computes a call: "triton", "sdpa" or "twin" (see the module docstring);
-    `extras`: the call has a bias or sinks."""
+    `extras`: the call has a bias or sinks. n, m: the lengths, or a pack's per-sequence lengths (whose
+    "sdpa" is one SDPA call per sequence)."""
     if backend == "triton":
         return "triton"
     if backend != "torch":
@@ -187,16 +197,16 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
     covers the pack (1|., Hq|1, total_q|1, total_k|1). One kernel launch per pass serves the pack.
     """
     n, m = q.shape[2], k.shape[2]
-    window = causal_window(causal, window_size)
-    path = flash_path(backend, n=n, m=m, window=window, softcap=softcap, sparse=block_mask is not None,
-                      need_lse=need_lse, extras=bias is not None or sinks is not None or pack is not None)
-    if path == "sdpa":
-        causal_sdpa = _python_bool(window == (-1, 0))
-        values = torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0) if causal_sdpa else v
-        out = F.scaled_dot_product_attention(q, k, values, is_causal=causal_sdpa, scale=scale,
-                                             enable_gqa=_python_bool(q.shape[1] != k.shape[1]))
-        return (_poison_seen_values(out, v) if causal_sdpa else out), None
     lengths = (n, m) if pack is None else (pack.q_lengths, pack.k_lengths)
+    window = causal_window(causal, window_size)
+    path = flash_path(backend, n=lengths[0], m=lengths[1], window=window, softcap=softcap,
+                      sparse=block_mask is not None, need_lse=need_lse, extras=bias is not None or sinks is not None)
+    if path == "sdpa" and pack is not None:  # the torch backend may loop: SDPA on each sequence's views
+        return torch.cat([_sdpa(q[:, :, pack.q_span(s)], k[:, :, pack.k_span(s)], v[:, :, pack.k_span(s)], scale,
+                                window) if n_s and m_s else q.new_zeros(1, q.shape[1], n_s, v.shape[-1])
+                          for s, (n_s, m_s) in enumerate(zip(*lengths))], dim=2), None
+    if path == "sdpa":
+        return _sdpa(q, k, v, scale, window), None
     index = None if block_mask is None else block_mask.sparse_index(*lengths, causal=False, window=window)
     impl = "triton" if path == "triton" else "torch"
     bias = None if bias is None else compact_bias(bias)
